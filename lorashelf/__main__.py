@@ -1,0 +1,5 @@
+import sys
+
+from lorashelf.cli import main
+
+sys.exit(main())

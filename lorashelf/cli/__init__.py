@@ -1,0 +1,89 @@
+"""The ``lorashelf`` command line: verb -> function table, parsing only.
+
+Each area of the package contributes one module here (``cli/data.py``,
+``cli/library.py``, ...) with a ``register(subparsers)`` function that adds its verbs
+and points each at a thin handler calling the Python API. Side effects that belong to
+the entry point (cache root from ``LORASHELF_HOME``, device, dtype, seeding, logging,
+threads) are resolved here once and passed down as arguments.
+
+User errors (:class:`LorashelfError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorashelf.errors import LorashelfError
+
+# Modules under lorashelf.cli that register verbs, in data-flow order.
+VERB_MODULES = (
+    "models",
+    "data",
+    "train",
+    "library",
+    "cluster",
+    "compose",
+    "evaluate",
+    "demo",
+)
+
+
+def default_home() -> Path:
+    """The cache root: ``$LORASHELF_HOME`` or ``~/.cache/lorashelf`` (entry point only)."""
+    env = os.environ.get("LORASHELF_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorashelf"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorashelf",
+        description="Modular LLMs from a library of LoRA experts.",
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="cache root for models and data (default: $LORASHELF_HOME or ~/.cache/lorashelf)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name in VERB_MODULES:
+        try:
+            mod = importlib.import_module(f"lorashelf.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"lorashelf.cli.{name}":
+                continue  # area not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.home is None:
+        args.home = default_home()
+    try:
+        from lorashelf.runtime import setup_runtime
+
+        setup_runtime(args)
+        rc = args.func(args)
+        return int(rc or 0)
+    except LorashelfError as e:
+        print(f"lorashelf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorashelf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
