@@ -37,9 +37,7 @@ class Registry(Generic[T]):
         except KeyError:
             hint = did_you_mean(name, self._items)
             known = ", ".join(sorted(self._items))
-            raise LorashelfError(
-                f"unknown {self.kind} {name!r}{hint}; known: {known}"
-            ) from None
+            raise LorashelfError(f"unknown {self.kind} {name!r}{hint}; known: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

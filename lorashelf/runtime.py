@@ -34,7 +34,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise LorashelfError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise LorashelfError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LorashelfError("--device cuda asked for but CUDA is not available; use --device cpu")
     return dev

@@ -67,7 +67,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, base_id: str) -> Path:
     cfg = gmodel.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["_name_or_path"] = base_id
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"}, model_type=cfg["model_type"])
+    config = AutoConfig.for_model(
+        **{k: v for k, v in cfg.items() if k != "model_type"}, model_type=cfg["model_type"]
+    )
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(gmodel.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed_tokens
@@ -80,7 +82,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, base_id: str) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "lorashelf_source.json").write_text(
-            json.dumps({"base_id": base_id, "gguf": str(gguf_path), "format": "gguf-dequantized-fp32"})
+            json.dumps(
+                {"base_id": base_id, "gguf": str(gguf_path), "format": "gguf-dequantized-fp32"}
+            )
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -104,7 +108,9 @@ def _known(name: str) -> KnownModel:
     for km in KNOWN.values():
         if name == km.name or name in km.aliases:
             return km
-    raise LorashelfError(f"unknown model {name!r}{did_you_mean(name, KNOWN)}; known: {', '.join(KNOWN)}")
+    raise LorashelfError(
+        f"unknown model {name!r}{did_you_mean(name, KNOWN)}; known: {', '.join(KNOWN)}"
+    )
 
 
 def resolve_path(name: str, home: Path) -> tuple[str, str, str | None]:
@@ -116,7 +122,9 @@ def resolve_path(name: str, home: Path) -> tuple[str, str, str | None]:
         return str(p.parent), canonical_id(name), p.name
     if p.exists():
         if not (p / "config.json").exists():
-            raise LorashelfError(f"{name} is a path but has no config.json; pass a transformers model directory")
+            raise LorashelfError(
+                f"{name} is a path but has no config.json; pass a transformers model directory"
+            )
         src = p / "lorashelf_source.json"
         base_id = json.loads(src.read_text())["base_id"] if src.exists() else canonical_id(name)
         return str(p), base_id, None

@@ -1,0 +1,1 @@
+"""Evaluation: score any model on held-out tasks; tables and reports."""
