@@ -1,0 +1,73 @@
+"""Run every benchmark in bench/ and rewrite BENCHMARKS.md with what each printed.
+
+Each benchmark measures its ratio against a named baseline within one run; this
+runner only collects their output, with the machine and the date, so the numbers in
+BENCHMARKS.md always come from one fresh run of the current code.
+
+    .venv/bin/python bench/run_all.py [--only NAME ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import machine
+
+HERE = Path(__file__).parent
+ORDER = ["eval_throughput", "train_throughput", "library_scale", "arrow_prototypes",
+         "arrow_forward", "cluster_scale", "lorahub_speed"]
+
+
+def doc_summary(path: Path) -> str:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return doc.split("\n\n", 1)[0].replace("\n", " ")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--quick", action="store_true", help="pass --quick to benchmarks that accept it")
+    ap.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    found = {p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"}
+    names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
+    if args.only:
+        names = [n for n in names if n in args.only]
+    m = machine()
+    parts = [
+        "# Benchmarks\n",
+        "Every number below was printed by the benchmark itself in one run of `make bench` "
+        "(`bench/run_all.py`), each ratio measured in that same run against the named baseline.\n",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+        f"GPU: {m['cuda']}. Date: {m['date']}.\n",
+    ]
+    failed = []
+    for name in names:
+        path = found[name]
+        cmd = [sys.executable, str(path)]
+        if args.quick and "--quick" in path.read_text():
+            cmd.append("--quick")
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+        secs = time.perf_counter() - t0
+        out = proc.stdout.strip()
+        print(out[-3000:], flush=True)
+        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+        if proc.returncode != 0:
+            failed.append(name)
+            out += "\n" + proc.stderr.strip()[-2000:]
+        parts.append(f"\n## {name}\n\n{doc_summary(path)}\n\n"
+                     f"`python bench/{path.name}` - {status}, {secs:.0f} s\n\n```\n{out}\n```\n")
+    Path(args.out).write_text("".join(parts))
+    print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
