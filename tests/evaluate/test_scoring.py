@@ -27,13 +27,16 @@ def reference_logprob(model, tokenizer, prompt: str, cont: str) -> float:
     return sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(c))
 
 
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("mode", ["shared", "fast", "plain"])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_batched_scores_equal_one_at_a_time(tiny_model, tiny_tokenizer, fast, batch_size):
-    got = score_continuations(tiny_model, tiny_tokenizer, PAIRS, batch_size=batch_size, fast=fast)
+def test_batched_scores_equal_one_at_a_time(tiny_model, tiny_tokenizer, mode, batch_size):
+    kw = {"shared": {}, "fast": {"share_prompt": False}, "plain": {"fast": False}}[mode]
+    got = score_continuations(tiny_model, tiny_tokenizer, PAIRS, batch_size=batch_size, **kw)
     for (p, c), s in zip(PAIRS, got, strict=True):
         assert s.n_tokens == len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"])
-        assert s.logprob == pytest.approx(reference_logprob(tiny_model, tiny_tokenizer, p, c), abs=1e-4)
+        assert s.logprob == pytest.approx(
+            reference_logprob(tiny_model, tiny_tokenizer, p, c), abs=1e-4
+        )
 
 
 def test_fast_path_matches_plain_in_bf16(tiny_model, tiny_tokenizer):
@@ -51,7 +54,10 @@ def test_peft_wrapped_model_scores_with_lora_active(tiny_model, tiny_tokenizer):
 
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_model),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     got = score_continuations(peft_model, tiny_tokenizer, PAIRS[:2])
     base = score_continuations(tiny_model, tiny_tokenizer, PAIRS[:2])
     ref = reference_logprob(peft_model, tiny_tokenizer, *PAIRS[0])
@@ -89,5 +95,7 @@ def test_greedy_generate_matches_manual_loop(tiny_model, tiny_tokenizer):
                 if int(nxt) == tiny_tokenizer.eos_token_id:
                     break
                 ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        full = tiny_tokenizer.decode(ids[0, len(tiny_tokenizer(prompt)["input_ids"]) :], skip_special_tokens=True)
+        full = tiny_tokenizer.decode(
+            ids[0, len(tiny_tokenizer(prompt)["input_ids"]) :], skip_special_tokens=True
+        )
         assert text == full.split("\n", 1)[0].strip()
