@@ -1,0 +1,98 @@
+"""Fixtures for cluster tests: synthetic LoRA experts with a planted cluster structure.
+
+Every expert shares one "initialisation" (as experts trained from one init seed do),
+plus its family's random direction, plus its own noise; a family is a planted cluster.
+No model, no training: factors are built directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+@dataclass
+class Factors:
+    """Stand-in for lorashelf.library.factors.LoraFactors (only A and B are read)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 2.0
+
+
+MODULES = (
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.1.self_attn.v_proj",
+)
+
+
+@dataclass
+class Planted:
+    names: list[str]
+    factors: dict[str, dict[str, Factors]]
+    truth: list[int]
+    cards: dict[str, dict]
+
+    def load(self, name: str) -> dict[str, Factors]:
+        return self.factors[name]
+
+    def vectors(self) -> torch.Tensor:
+        """Dense [n, D] flattened vectors in sorted-module order, A then B (the reference)."""
+        rows = []
+        for n in self.names:
+            f = self.factors[n]
+            rows.append(torch.cat([t.reshape(-1) for m in sorted(f) for t in (f[m].A, f[m].B)]))
+        return torch.stack(rows)
+
+
+def make_planted(
+    families: int = 3,
+    per_family: int = 5,
+    *,
+    r: int = 4,
+    d: int = 16,
+    noise: float = 0.5,
+    signal: float = 1.0,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> Planted:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    shapes = {m: ((r, d), (d if "q_proj" in m else d // 2, r)) for m in MODULES}
+    init = {m: (rand(*a), torch.zeros(*b)) for m, (a, b) in shapes.items()}
+    direction = [{m: (rand(*a), rand(*b)) for m, (a, b) in shapes.items()} for _ in range(families)]
+    truth = [f for f in range(families) for _ in range(per_family)]
+    if shuffle:
+        perm = torch.randperm(len(truth), generator=g).tolist()
+        truth = [truth[i] for i in perm]
+    names, factors, cards = [], {}, {}
+    for i, fam in enumerate(truth):
+        name = f"expert_{i:02d}"
+        names.append(name)
+        factors[name] = {
+            m: Factors(
+                init[m][0] + 0.1 * signal * direction[fam][m][0] + 0.1 * noise * rand(*a),
+                init[m][1] + signal * direction[fam][m][1] + noise * rand(*b),
+            )
+            for m, (a, b) in shapes.items()
+        }
+        cards[name] = {"tasks": [f"jsonl:family{fam}_task{i}.jsonl"], "init_seed": 0}
+    return Planted(names, factors, truth, cards)
+
+
+@pytest.fixture
+def planted() -> Planted:
+    return make_planted()
+
+
+@pytest.fixture
+def make_experts():
+    """The factory itself, for tests that need other sizes, noise or seeds."""
+    return make_planted

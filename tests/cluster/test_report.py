@@ -1,0 +1,74 @@
+"""clusters.json content, the heatmap, reading it back, and all-or-nothing writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorashelf.cluster.methods import ClusterConfig, ClusterContext, cluster_experts
+from lorashelf.cluster.report import clustering_to_json, load_clusters, write_outputs
+from lorashelf.errors import LorashelfError
+
+
+@pytest.fixture
+def clustering(planted):
+    ctx = ClusterContext(planted.names, planted.cards, planted.load)
+    return cluster_experts(ctx, ClusterConfig(k=3, seed=4))
+
+
+def test_json_lists_members_tasks_stats_and_config(planted, clustering, tmp_path):
+    doc = clustering_to_json(clustering, planted.cards, source={"library": "lib"})
+    write_outputs(doc, tmp_path / "c.json", plot=tmp_path / "sim.png", clustering=clustering)
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert got["config"]["k"] == 3 and got["config"]["seed"] == 4 and got["method"] == "mbc"
+    members = [c["experts"] for c in got["clusters"]]
+    assert sorted(sum(members, [])) == sorted(planted.names)
+    for c in got["clusters"]:
+        fams = {planted.truth[planted.names.index(e)] for e in c["experts"]}
+        assert len(fams) == 1  # planted families recovered
+        assert c["tasks"] == [planted.cards[e]["tasks"][0] for e in c["experts"]]
+    assert got["stats"]["sizes"] == [5, 5, 5]
+    assert got["stats"]["mean_intra_cosine"] > got["stats"]["mean_inter_cosine"]
+    png = (tmp_path / "sim.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    back = load_clusters(tmp_path / "c.json")
+    assert back.sizes == (5, 5, 5) and len(back.sha256) == 64
+
+
+def test_failed_plot_writes_nothing(planted, clustering, tmp_path, monkeypatch):
+    import lorashelf.cluster.report as report
+
+    def boom(*a, **k):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(report, "plot_similarity", boom)
+    doc = clustering_to_json(clustering, planted.cards, source={})
+    with pytest.raises(RuntimeError):
+        write_outputs(doc, tmp_path / "c.json", plot=tmp_path / "sim.png", clustering=clustering)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_many_experts_plot_labels_clusters(make_experts, tmp_path):
+    p = make_experts(families=3, per_family=40, d=8)
+    c = cluster_experts(ClusterContext(p.names, p.cards, p.load), ClusterConfig(k=3))
+    write_outputs(
+        clustering_to_json(c, p.cards, source={}),
+        tmp_path / "c.json",
+        plot=tmp_path / "p.png",
+        clustering=c,
+    )
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [(None, "no clusters file"), ("{", "not valid JSON"), ('{"format": "x"}', "not a lorashelf")],
+)
+def test_load_clusters_errors(tmp_path, content, match):
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(LorashelfError, match=match):
+        load_clusters(path)
