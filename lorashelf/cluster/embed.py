@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from lorashelf.errors import LorashelfError
@@ -94,15 +95,19 @@ def sparsify_(vec: torch.Tensor, quantile: float) -> torch.Tensor:
     """Zero (in place) the ``floor(quantile * len)`` smallest-magnitude entries of ``vec``.
 
     Entries tied with the threshold are zeroed too, as in the reference's ``|x| <= thr``.
-    ``kthvalue`` rather than ``torch.quantile``, which refuses inputs above 16M entries.
+    A selection, not ``torch.quantile`` (which refuses inputs above 16M entries); on the
+    CPU numpy's introselect is about twice as fast as ``kthvalue``.
     """
     k = int(quantile * vec.numel())
     if k <= 0:
         return vec
     mag = vec.abs()
-    thr = mag.kthvalue(k).values
-    vec[mag <= thr] = 0
-    return vec
+    if mag.device.type == "cpu":
+        m = mag if mag.dtype in (torch.float32, torch.float64) else mag.float()
+        thr = torch.tensor(np.partition(m.numpy(), k - 1)[k - 1])
+    else:
+        thr = mag.kthvalue(k).values
+    return vec.masked_fill_(mag <= thr, 0)
 
 
 def load_vectors(

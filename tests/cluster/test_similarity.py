@@ -71,6 +71,8 @@ def test_sparsify_zeroes_the_smallest_fraction():
     assert x.abs()[kept].min() > x.abs()[~kept].max()
     torch.testing.assert_close(y[kept], x[kept])
     assert torch.equal(sparsify_(x.clone(), 0.0), x)
+    z = sparsify_(x.to(torch.bfloat16), 0.5)
+    assert z.dtype == torch.bfloat16 and int((z == 0).sum()) >= 500
 
 
 def test_mismatched_shapes_name_the_expert_and_the_fix(planted):
