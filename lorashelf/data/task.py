@@ -27,6 +27,10 @@ class Example:
     and ``answer`` is the gold index; ``target`` is then ``options[answer]``.
     For generation, ``targets`` lists every acceptable answer; ``target`` is the
     first (the one used for training).
+
+    ``scores``, when a source has them (BIG-bench ``target_scores``), gives each
+    option's credit: several options may share the top score ("3" and "three"), and
+    a prediction is right when its score equals the maximum. ``answer`` is the first.
     """
 
     prompt: str
@@ -34,6 +38,7 @@ class Example:
     options: tuple[str, ...] = ()
     answer: int | None = None
     targets: tuple[str, ...] = ()
+    scores: tuple[float, ...] = ()
 
     @property
     def is_mc(self) -> bool:
@@ -78,9 +83,7 @@ class Task:
             h.update(json.dumps([ex.prompt, ex.target, ex.options, ex.answer]).encode())
         return h.hexdigest()[:16]
 
-    def splits(
-        self, seed: int = 0, valid_frac: float = 0.1, test_frac: float = 0.2
-    ) -> Splits:
+    def splits(self, seed: int = 0, valid_frac: float = 0.1, test_frac: float = 0.2) -> Splits:
         """Deterministic shuffle-and-cut; the same seed always gives the same split.
 
         Small tasks keep at least one valid and one test example when they have

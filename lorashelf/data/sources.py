@@ -1,0 +1,187 @@
+"""Task sources: ``SOURCE:NAME`` ids dispatched through a registry.
+
+A source turns the part of a task id after the first ``:`` into a :class:`Task`
+(``bigbench:sports_understanding``, ``jsonl:./my.jsonl``, ``hf:data.parquet?...``) and
+may list the tasks it knows. Adding a source costs one module and one
+``SOURCES.register("name")`` line, as with lm-eval's task registry. This module also
+holds the helpers every source shares: ``?key=value`` options in ids, the
+deterministic ``max_examples`` subset, and moving a prompt's trailing space onto the
+answers so ``prompt + option`` is exactly the text and tokenizes cleanly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from lorashelf.data.task import Example, Kind, Task
+from lorashelf.errors import LorashelfError, did_you_mean
+from lorashelf.registry import Registry
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One row of a source's catalogue (what ``lorashelf data ls`` prints)."""
+
+    id: str
+    kind: Kind
+    n_examples: int
+    description: str = ""
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """``load(name, home, max_examples)`` builds a task; ``ls(home)`` lists known ones."""
+
+    load: Callable[[str, Path, int | None], Task]
+    ls: Callable[[Path], list[TaskInfo]] = field(default=lambda home: [])
+
+
+SOURCES: Registry[Source] = Registry("task source")
+
+
+def split_id(task_id: str) -> tuple[str, str]:
+    """``"bigbench:a/b"`` -> ``("bigbench", "a/b")``, with a helpful error otherwise."""
+    source, sep, name = task_id.partition(":")
+    if not sep or not name:
+        raise LorashelfError(
+            f"task id {task_id!r} has no source; write SOURCE:NAME with SOURCE one of "
+            f"{', '.join(SOURCES.names())}, e.g. bigbench:sports_understanding"
+        )
+    return source, name
+
+
+def load_task(task_id: str, *, home: Path, max_examples: int | None = None) -> Task:
+    """Load a task by id, e.g. ``bigbench:logical_deduction/three_objects``.
+
+    ``max_examples`` keeps a deterministic random subset (seeded by the task id, in
+    the original order), so a cap never just takes the first, often sorted, rows.
+    """
+    if max_examples is not None and max_examples < 1:
+        raise LorashelfError(f"max_examples must be >= 1, got {max_examples}")
+    source, name = split_id(task_id)
+    return SOURCES.get(source).load(name, Path(home), max_examples)
+
+
+def list_tasks(home: Path, source: str | None = None, kind: str | None = None) -> list[TaskInfo]:
+    """Tasks the sources know about under ``home`` (only BIG-bench keeps a catalogue)."""
+    if kind is not None and kind not in ("mc", "gen"):
+        raise LorashelfError(f"unknown task kind {kind!r}; use mc or gen")
+    names = [source] if source is not None else SOURCES.names()
+    rows = [info for s in names for info in SOURCES.get(s).ls(Path(home))]
+    return [r for r in rows if kind is None or r.kind == kind]
+
+
+def subset(items: Sequence[T], max_examples: int | None, seed: str) -> list[T]:
+    """At most ``max_examples`` items, chosen at random by ``seed``, order preserved."""
+    if max_examples is None or max_examples >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), max_examples))
+    return [items[i] for i in keep]
+
+
+def move_trailing_space(prompt: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """``("A: ", ["yes"])`` -> ``("A:", [" yes"])``: the same text, split where
+    tokenizers split (lm-eval's ``target_delimiter``)."""
+    stripped = prompt.rstrip(" ")
+    moved = prompt[len(stripped) :]
+    return stripped, [moved + a for a in answers]
+
+
+def join_answers(prompt: str, answers: Sequence[str], sep: str) -> tuple[str, list[str]]:
+    """Join a prompt and its answers for sources that store them apart (JSONL, HF).
+
+    ``sep`` goes between them only when neither side already has whitespace at the
+    seam; then any trailing space of the prompt moves onto the answers.
+    """
+    joined = [
+        a if (not prompt or prompt[-1:].isspace() or a[:1].isspace()) else sep + a for a in answers
+    ]
+    return move_trailing_space(prompt, joined)
+
+
+def make_example(
+    prompt: str,
+    *,
+    targets: Sequence[str] = (),
+    options: Sequence[str] = (),
+    answer: int | None = None,
+) -> Example:
+    """An :class:`Example` for a generative (``targets``) or mc (``options``) row."""
+    if options:
+        assert answer is not None
+        return Example(prompt=prompt, target=options[answer], options=tuple(options), answer=answer)
+    return Example(prompt=prompt, target=targets[0], targets=tuple(targets))
+
+
+def parse_options(spec: str, allowed: Sequence[str], what: str) -> tuple[str, dict[str, str]]:
+    """``"path?a=1&b=x"`` -> ``("path", {"a": "1", "b": "x"})``; unknown keys are errors."""
+    base, _, query = spec.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
+    for k in opts:
+        if k not in allowed:
+            raise LorashelfError(
+                f"unknown option {k!r} in {what} id{did_you_mean(k, allowed)}; "
+                f"valid: {', '.join(allowed)}"
+            )
+    return base, opts
+
+
+def task_kind(examples: Sequence[Example], where: str) -> Kind:
+    """``mc`` if every example has options, ``gen`` if none has; mixing is an error."""
+    n_mc = sum(ex.is_mc for ex in examples)
+    if n_mc and n_mc != len(examples):
+        raise LorashelfError(
+            f"{where}: {n_mc} of {len(examples)} examples have options; a task must be all "
+            "multiple choice or all generative, split it into two files"
+        )
+    return "mc" if n_mc else "gen"
+
+
+def row_example(
+    prompt: Any,
+    *,
+    target: Any = None,
+    options: Any = None,
+    answer: Any = None,
+    sep: str = " ",
+    where: str,
+) -> Example:
+    """A JSONL/HF row -> :class:`Example`: ``target`` (str or list) or ``options`` +
+    ``answer`` (an index or the option's text); errors name ``where``."""
+    if not isinstance(prompt, str):
+        raise LorashelfError(f"{where}: the input must be a string, got {type(prompt).__name__}")
+    if options is not None:
+        if (
+            not isinstance(options, (list, tuple))
+            or len(options) < 2
+            or not all(isinstance(o, str) for o in options)
+        ):
+            raise LorashelfError(f"{where}: options must be a list of at least two strings")
+        if isinstance(answer, str) and answer in options:
+            answer = list(options).index(answer)
+        if (
+            isinstance(answer, bool)
+            or not isinstance(answer, int)
+            or not 0 <= answer < len(options)
+        ):
+            raise LorashelfError(
+                f"{where}: answer must be an index 0..{len(options) - 1} or one of the options, "
+                f"got {answer!r}"
+            )
+        prompt, opts = join_answers(prompt, options, sep)
+        return make_example(prompt, options=opts, answer=answer)
+    targets = target if isinstance(target, (list, tuple)) else [target]
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise LorashelfError(
+            f"{where}: needs a target (a string or a list of strings) or options + answer"
+        )
+    prompt, targets = join_answers(prompt, targets, sep)
+    return make_example(prompt, targets=targets)
