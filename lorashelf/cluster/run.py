@@ -64,7 +64,7 @@ def make_text_embedder(
 
 
 def cluster_library(
-    path: str | os.PathLike[str],
+    library: str | os.PathLike[str] | Any,
     cfg: ClusterConfig,
     *,
     out: str | os.PathLike[str],
@@ -76,10 +76,13 @@ def cluster_library(
     block_mb: int = 512,
     progress: bool = False,
 ) -> tuple[Clustering, dict[str, Any]]:
-    """Cluster the experts of the library at ``path``; write ``out`` (and ``plot``)."""
-    from lorashelf.library import Library
+    """Cluster the experts of ``library`` (a path or an open Library); write ``out``, ``plot``."""
+    if isinstance(library, (str, os.PathLike)):
+        from lorashelf.library import Library
 
-    lib = Library.open(path)
+        lib = Library.open(library)
+    else:
+        lib = library
     names = list(lib.names())
     validate(len(names), cfg)  # before reading any expert
     cards = {n: dict(lib.get(n).card) for n in names}
@@ -111,7 +114,8 @@ def cluster_library(
         progress=progress,
     )
     clustering = cluster_experts(ctx, cfg)
-    source = {"library": str(Path(path).resolve()), "n_experts": len(names)}
+    where = library if isinstance(library, (str, os.PathLike)) else getattr(lib, "path", "")
+    source = {"library": str(Path(where).resolve()) if where else "", "n_experts": len(names)}
     doc = clustering_to_json(clustering, cards, source=source)
     write_outputs(doc, out, plot=plot, clustering=clustering)
     return clustering, doc

@@ -96,3 +96,40 @@ def planted() -> Planted:
 def make_experts():
     """The factory itself, for tests that need other sizes, noise or seeds."""
     return make_planted
+
+
+class FakeExpert:
+    def __init__(self, name: str, card: dict, factors: dict, path=None) -> None:
+        self.name, self.card, self._factors, self.path = name, card, factors, path
+
+    def lora_factors(self) -> dict:
+        return self._factors
+
+
+class FakeLibrary:
+    """The planned Library interface (names/get/add/path) over a dict, for logic tests."""
+
+    def __init__(self, path, experts: dict[str, FakeExpert] | None = None) -> None:
+        self.path = path
+        self.experts = dict(experts or {})
+        self.added: list[str] = []
+
+    def names(self) -> list[str]:
+        return sorted(self.experts)
+
+    def get(self, name: str) -> FakeExpert:
+        return self.experts[name]
+
+    def add(self, adapter_dir, name: str, card: dict) -> None:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        assert (adapter_dir / "adapter_config.json").exists() and sd
+        self.experts[name] = FakeExpert(name, card, {}, adapter_dir)
+        self.added.append(name)
+
+
+@pytest.fixture
+def fake_library(planted, tmp_path) -> FakeLibrary:
+    experts = {n: FakeExpert(n, planted.cards[n], planted.factors[n]) for n in planted.names}
+    return FakeLibrary(tmp_path / "lib", experts)

@@ -1,0 +1,130 @@
+"""Retrain one expert per cluster: the last step of MBC (Ostapenko et al. 2024).
+
+After clustering the private experts, MBC trains a fresh LoRA expert per cluster on the
+union of its tasks' data. Each built expert's card records its member tasks and where
+it came from: ``extra.cluster = {id, members, config, file, sha256}`` (the clustering
+config and the clusters.json content hash). Building is resumable: a cluster whose
+expert is already in the output library, built from the same clusters.json, is
+skipped; one built from a different clustering is refused rather than mixed in.
+
+Training itself is the train area's job; :func:`build_library` takes a ``Trainer``
+(jobs in, PEFT dir out) so the loop here stays about clusters, names and cards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lorashelf.cluster.report import ClusterFile, load_clusters
+from lorashelf.errors import LorashelfError
+
+
+@dataclass(frozen=True)
+class ClusterJob:
+    """One expert to build: a cluster's id, the expert's name, its tasks and members."""
+
+    id: int
+    name: str
+    tasks: tuple[str, ...]
+    members: tuple[str, ...]
+
+
+# Trains one expert on ``job.tasks`` and writes a PEFT adapter dir at the given path;
+# returns card fields from training (e.g. init_seed, hyperparameters, base_model).
+Trainer = Callable[[ClusterJob, Path], Mapping[str, Any]]
+
+
+def plan_jobs(cf: ClusterFile, *, prefix: str = "cluster") -> list[ClusterJob]:
+    """One job per cluster, named ``{prefix}_{id:02d}``; clusters without tasks refused."""
+    jobs = []
+    width = max(2, len(str(len(cf.clusters) - 1)))
+    for c in cf.clusters:
+        if not c["tasks"]:
+            raise LorashelfError(
+                f"cluster {c['id']} of {cf.path} lists no tasks (its experts' cards record none), "
+                "so there is nothing to train it on; re-add those experts with their tasks"
+            )
+        name = f"{prefix}_{int(c['id']):0{width}d}"
+        jobs.append(ClusterJob(int(c["id"]), name, tuple(c["tasks"]), tuple(c["experts"])))
+    return jobs
+
+
+def cluster_extra(job: ClusterJob, cf: ClusterFile) -> dict[str, Any]:
+    """The ``extra.cluster`` record of a built expert's card."""
+    return {
+        "id": job.id,
+        "members": list(job.members),
+        "config": cf.config,
+        "file": str(cf.path),
+        "sha256": cf.sha256,
+    }
+
+
+def check_members(cf: ClusterFile, names: Sequence[str], source: str | os.PathLike[str]) -> None:
+    """Every clustered expert must exist in the source library (same library, same names)."""
+    have = set(names)
+    missing = [e for c in cf.clusters for e in c["experts"] if e not in have]
+    if missing:
+        raise LorashelfError(
+            f"{cf.path} lists expert {missing[0]!r} ({len(missing)} in all) that is not in {source}; "
+            f"pass the library it was made from, or recluster with `lorashelf cluster {source}`"
+        )
+
+
+def pending(jobs: Sequence[ClusterJob], out_lib: Any, cf: ClusterFile) -> list[ClusterJob]:
+    """Jobs whose expert is not yet in ``out_lib``; refuses experts of another clustering."""
+    have = set(out_lib.names())
+    todo = []
+    for job in jobs:
+        if job.name not in have:
+            todo.append(job)
+            continue
+        made = (out_lib.get(job.name).card.get("extra") or {}).get("cluster") or {}
+        if made.get("sha256") != cf.sha256:
+            raise LorashelfError(
+                f"the output library already holds {job.name!r}, built from another clustering "
+                f"(sha256 {str(made.get('sha256'))[:12]} vs {cf.sha256[:12]}); "
+                "build into a new --library directory or remove that expert"
+            )
+    return todo
+
+
+def build_library(
+    clusters: str | os.PathLike[str],
+    source_lib: Any,
+    out_lib: Any,
+    trainer: Trainer,
+    *,
+    prefix: str = "cluster",
+    progress: bool = False,
+) -> list[str]:
+    """Train and add one expert per cluster of ``clusters`` to ``out_lib``; names built.
+
+    ``source_lib`` is the library that was clustered (checked to hold every member);
+    clusters already built from the same file are skipped, so a rerun resumes.
+    """
+    cf = load_clusters(clusters)
+    check_members(cf, list(source_lib.names()), getattr(source_lib, "path", "the library"))
+    jobs = plan_jobs(cf, prefix=prefix)
+    todo = pending(jobs, out_lib, cf)
+    work = Path(out_lib.path) / ".build"
+    built = []
+    for job in tqdm(todo, desc="building cluster experts", disable=not progress):
+        tmp = work / job.name
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial run's leftovers
+        fields = dict(trainer(job, tmp))
+        extra = dict(fields.pop("extra", None) or {})
+        extra["cluster"] = cluster_extra(job, cf)
+        card = {**fields, "tasks": list(job.tasks), "extra": extra}
+        out_lib.add(tmp, name=job.name, card=card)
+        shutil.rmtree(tmp, ignore_errors=True)
+        built.append(job.name)
+    shutil.rmtree(work, ignore_errors=True)
+    return built

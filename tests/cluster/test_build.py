@@ -1,0 +1,117 @@
+"""Clustering a library object and building one expert per cluster (resumable)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from peft import LoraConfig, get_peft_model
+
+from lorashelf.cluster.build import build_library, plan_jobs
+from lorashelf.cluster.methods import ClusterConfig
+from lorashelf.cluster.report import load_clusters
+from lorashelf.cluster.run import cluster_library
+from lorashelf.errors import LorashelfError
+
+
+@pytest.fixture
+def clusters_json(fake_library, tmp_path):
+    out = tmp_path / "clusters.json"
+    cluster_library(fake_library, ClusterConfig(k=3), out=out, home=tmp_path)
+    return out
+
+
+@pytest.fixture
+def peft_trainer(tiny_model):
+    """Writes an untrained PEFT adapter of the tiny model; records the jobs it ran."""
+    calls = []
+
+    def train(job, out_dir):
+        calls.append(job.name)
+        model = get_peft_model(
+            copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj"])
+        )
+        model.save_pretrained(out_dir)
+        return {"init_seed": 0, "extra": {"trainer": "fake"}}
+
+    train.calls = calls
+    return train
+
+
+def test_cluster_library_writes_json(fake_library, clusters_json, planted):
+    doc = json.loads(clusters_json.read_text())
+    assert doc["source"]["n_experts"] == 15 and doc["k"] == 3
+    tasks = sorted(t for c in doc["clusters"] for t in c["tasks"])
+    assert tasks == sorted(planted.cards[n]["tasks"][0] for n in planted.names)
+
+
+def test_build_one_expert_per_cluster_then_resume(
+    fake_library, clusters_json, peft_trainer, tmp_path
+):
+    out = type(fake_library)(tmp_path / "built")
+    built = build_library(clusters_json, fake_library, out, peft_trainer)
+    assert built == ["cluster_00", "cluster_01", "cluster_02"] == out.names()
+    cf = load_clusters(clusters_json)
+    for job in plan_jobs(cf):
+        card = out.get(job.name).card
+        assert card["tasks"] == list(job.tasks) and card["init_seed"] == 0
+        assert card["extra"]["trainer"] == "fake"
+        cl = card["extra"]["cluster"]
+        assert cl["id"] == job.id and cl["members"] == list(job.members)
+        assert cl["sha256"] == cf.sha256 and cl["config"]["method"] == "mbc"
+    assert not (tmp_path / "built" / ".build").exists()
+    # a rerun skips what is built; a lost expert is rebuilt alone
+    assert build_library(clusters_json, fake_library, out, peft_trainer) == []
+    del out.experts["cluster_01"]
+    assert build_library(clusters_json, fake_library, out, peft_trainer) == ["cluster_01"]
+    assert peft_trainer.calls == ["cluster_00", "cluster_01", "cluster_02", "cluster_01"]
+
+
+def test_build_refuses_other_clustering_and_foreign_members(
+    fake_library, clusters_json, peft_trainer, tmp_path
+):
+    out = type(fake_library)(tmp_path / "built")
+    build_library(clusters_json, fake_library, out, peft_trainer)
+    other = tmp_path / "other.json"
+    cluster_library(
+        fake_library, ClusterConfig(method="random", k=3, seed=9), out=other, home=tmp_path
+    )
+    with pytest.raises(LorashelfError, match="another clustering.*new --library"):
+        build_library(other, fake_library, out, peft_trainer)
+    del fake_library.experts["expert_03"]
+    with pytest.raises(LorashelfError, match="expert_03.*recluster"):
+        build_library(
+            clusters_json, fake_library, type(fake_library)(tmp_path / "b2"), peft_trainer
+        )
+
+
+def test_clusters_without_tasks_are_refused(fake_library, tmp_path):
+    for e in fake_library.experts.values():
+        e.card = {"init_seed": 0}
+    out = tmp_path / "c.json"
+    cluster_library(fake_library, ClusterConfig(k=2), out=out, home=tmp_path)
+    with pytest.raises(LorashelfError, match="lists no tasks"):
+        plan_jobs(load_clusters(out))
+
+
+def test_bad_request_writes_nothing(fake_library, tmp_path):
+    with pytest.raises(LorashelfError, match="between 1 and 15"):
+        cluster_library(
+            fake_library,
+            ClusterConfig(k=16),
+            out=tmp_path / "c.json",
+            plot=tmp_path / "p.png",
+            home=tmp_path,
+        )
+    odd = fake_library.experts["expert_07"]
+    odd._factors = dict(list(odd._factors.items())[:1])
+    with pytest.raises(LorashelfError, match="expert_07"):
+        cluster_library(
+            fake_library,
+            ClusterConfig(k=3),
+            out=tmp_path / "c.json",
+            plot=tmp_path / "p.png",
+            home=tmp_path,
+        )
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "p.png").exists()
