@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,3 +43,50 @@ def test_prompt_families_cluster_apart(tiny_model, tiny_tokenizer):
 def test_expert_without_tasks_is_refused(tmp_path):
     with pytest.raises(LorashelfError, match="records no tasks.*--method mbc"):
         expert_prompts({"x": {"tasks": []}}, ["x"], home=tmp_path)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"jsonl:{path}"
+
+
+def test_expert_prompts_come_from_train_splits_in_turn(tmp_path):
+    from lorashelf.data import load_task
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"input": f"A{i}", "target": "x"} for i in range(20)])
+    b = _jsonl(tmp_path / "b.jsonl", [{"input": f"B{i}", "target": "y"} for i in range(5)])
+    cards = {"e1": {"tasks": [a, b]}, "e2": {"tasks": [b]}}
+    got = expert_prompts(cards, ["e1", "e2"], home=tmp_path, max_prompts=6, split_seed=3)
+    train_a = [ex.prompt for ex in load_task(a, home=tmp_path).splits(3).train]
+    train_b = [ex.prompt for ex in load_task(b, home=tmp_path).splits(3).train]
+    assert got[0] == [train_a[0], train_b[0], train_a[1], train_b[1], train_a[2], train_b[2]]
+    assert got[1] == train_b[:6]
+
+
+def test_embedding_method_end_to_end(tmp_path, tiny_model, tiny_tokenizer, fake_library):
+    """cluster_library with --method embedding: real tasks, the tiny model from a local dir."""
+    from lorashelf.cluster.methods import ClusterConfig
+    from lorashelf.cluster.run import cluster_library
+
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    styles = ["{i} + {j} = ", "Translate: the cat number {i} sat", "QQQQ ZZZZ " * 3 + "{i}"]
+    truth = {}
+    for n, e in fake_library.experts.items():
+        fam = int(n[-2:]) % 3
+        rows = [
+            {"input": styles[fam].format(i=i * 37 % 101, j=i), "target": "1"} for i in range(12)
+        ]
+        e.card = {"tasks": [_jsonl(tmp_path / f"{n}.jsonl", rows)], "init_seed": 0}
+        truth[n] = fam
+    cfg = ClusterConfig(method="embedding", k=3, max_prompts=4, text_model=str(tmp_path / "tiny"))
+    c, doc = cluster_library(
+        fake_library,
+        cfg,
+        out=tmp_path / "c.json",
+        home=tmp_path,
+        dtype=torch.float32,
+        plot=tmp_path / "p.png",
+    )
+    assert doc["similarity"] == "text" and (tmp_path / "p.png").exists()
+    assert adjusted_rand_index(c.labels, [truth[n] for n in c.names]) == 1.0
