@@ -128,3 +128,31 @@ def build_library(
         built.append(job.name)
     shutil.rmtree(work, ignore_errors=True)
     return built
+
+
+def make_trainer(
+    base_model: str,
+    train_cfg: Any,
+    *,
+    home: Path,
+    device: Any,
+    dtype: Any,
+) -> Trainer:
+    """The default Trainer: one joint LoRA training run over all of a cluster's tasks.
+
+    Uses the train area's ``train_expert(base, tasks, cfg, out_dir=...)``; a fresh base
+    model per cluster, since training wraps the model in LoRA layers.
+    """
+
+    def train(job: ClusterJob, out_dir: Path) -> Mapping[str, Any]:
+        from lorashelf.data import load_task
+        from lorashelf.models import load_base
+        from lorashelf.train import train_expert
+
+        tasks = [load_task(t, home=home) for t in job.tasks]
+        base = load_base(base_model, home=home, dtype=dtype, device=device)
+        result = train_expert(base, tasks, train_cfg, out_dir=out_dir)
+        card = getattr(result, "card", result)
+        return dict(card or {})
+
+    return train

@@ -133,3 +133,42 @@ class FakeLibrary:
 def fake_library(planted, tmp_path) -> FakeLibrary:
     experts = {n: FakeExpert(n, planted.cards[n], planted.factors[n]) for n in planted.names}
     return FakeLibrary(tmp_path / "lib", experts)
+
+
+@pytest.fixture
+def peft_library(tmp_path, tiny_model):
+    """A real Library of 9 PEFT experts of the tiny Llama in 3 planted families.
+
+    Experts share LoRA's A initialisation (one init seed); each family adds its own
+    direction to A and B, each expert its own noise. Returns (library dir, truth).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lorashelf.library import Library
+
+    tiny_model.save_pretrained(tmp_path / "base")
+    lib = Library.open(tmp_path / "lib", create=True, base_model=str(tmp_path / "base"))
+    g = torch.Generator().manual_seed(0)
+    fam_dirs: list[dict[str, torch.Tensor]] = [{} for _ in range(3)]
+    truth = {}
+    for i in range(9):
+        fam = i % 3
+        torch.manual_seed(0)  # the shared init seed
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(copy.deepcopy(tiny_model), cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    d = fam_dirs[fam].setdefault(name, torch.randn(p.shape, generator=g))
+                    p.add_(0.1 * d + 0.03 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / "adapters" / f"e{i}")
+        name = f"expert_{i}"
+        lib.add(
+            tmp_path / "adapters" / f"e{i}",
+            name=name,
+            card={"tasks": [f"jsonl:fam{fam}_{i}.jsonl"], "init_seed": 0},
+        )
+        truth[name] = fam
+    return tmp_path / "lib", truth
