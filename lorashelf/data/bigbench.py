@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lorashelf.data.sources import make_example, move_trailing_space, subset
+from lorashelf.data.rows import make_example, move_trailing_space
+from lorashelf.data.sources import subset
 from lorashelf.data.task import Example, Kind
 from lorashelf.errors import LorashelfError
 
@@ -51,9 +52,9 @@ class Parsed:
     keywords: tuple[str, ...]
 
 
-def is_container(data: Mapping[str, Any]) -> bool:
+def is_container(data: Any) -> bool:
     """A task.json without ``examples`` only describes its subtask directories."""
-    return "examples" not in data
+    return isinstance(data, dict) and "examples" not in data
 
 
 def distinct(examples: Sequence[Any]) -> list[Any]:

@@ -50,7 +50,7 @@ class Indexer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self.errors[name] = f"{name}/task.json is not valid JSON: {e}"
             return
-        if isinstance(data, dict) and is_container(data):
+        if is_container(data):
             desc, kw = str(data.get("description", "")), data.get("keywords") or []
             self.containers[name] = {"description": desc, "keywords": [str(k) for k in kw]}
             return
@@ -60,17 +60,6 @@ class Indexer:
             self.errors[name] = str(e)
             return
         self.leaves[name] = row(name, p.kind, len(p.examples), p.description, p.keywords)
-
-    def keep(self, index: dict[str, Any], names: set[str]) -> None:
-        """Carry rows of an earlier index over for the task names in ``names``."""
-        for t in index.get("tasks", []):
-            if t["name"] in names and "subtasks" not in t:
-                self.leaves[t["name"]] = t
-            elif t["name"] in names:
-                self.containers[t["name"]] = {k: t[k] for k in ("description", "keywords")}
-        for name, err in index.get("errors", {}).items():
-            if name in names:
-                self.errors[name] = err
 
     def resolve_containers(self) -> list[dict[str, Any]]:
         rows = []

@@ -172,11 +172,27 @@ def carry_over(home: Path, staged: Path, written: set[str], indexer: Indexer) ->
         except OSError:
             shutil.copy2(path, dest)
         kept.add(name)
-    indexer.keep(old_index, kept)
-    known = {t["name"] for t in old_index.get("tasks", [])} | set(old_index.get("errors", {}))
-    for name in sorted(kept - known):
-        indexer.add(name, (staged / name / "task.json").read_bytes())
+    # leaf rows are reused (parsing them again is the slow part); containers and
+    # earlier failures are small or rare, so they are indexed afresh
+    rows = {t["name"]: t for t in old_index.get("tasks", []) if "subtasks" not in t}
+    for name in sorted(kept):
+        if name in rows:
+            indexer.leaves[name] = rows[name]
+        else:
+            indexer.add(name, (staged / name / "task.json").read_bytes())
     indexer.programmatic |= set(old_index.get("programmatic", []))
+
+
+def swap_in(staged: Path, final: Path, old: Path) -> None:
+    """Rename ``staged`` to ``final``; the previous ``final`` moves to ``old`` (or back)."""
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        if old.exists():
+            os.replace(old, final)
+        raise
 
 
 def extract(sdist: Path, home: Path, only: list[str] | None, progress: bool) -> None:
@@ -192,9 +208,7 @@ def extract(sdist: Path, home: Path, only: list[str] | None, progress: bool) -> 
         carry_over(home, staged, written, indexer)
         new_index = tmp / "index.json"
         indexer.write(new_index)
-        if tasks_dir(home).exists():
-            os.replace(tasks_dir(home), tmp / "old")
-        os.replace(staged, tasks_dir(home))
+        swap_in(staged, tasks_dir(home), tmp / "old")
         os.replace(new_index, index_path(home))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

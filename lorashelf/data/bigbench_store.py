@@ -33,13 +33,13 @@ def index_path(home: Path) -> Path:
     return bigbench_dir(home) / "index.json"
 
 
-def read_task_json(path: Path) -> Any:
+def read_task_json(path: Path, name: str) -> Any:
     try:
         return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LorashelfError(
             f"{path} is not valid JSON ({e}); fix it or re-pull it with "
-            f"`lorashelf data pull bigbench --only {path.parent.name}`"
+            f"`lorashelf data pull bigbench --only {name}`"
         ) from None
 
 
@@ -65,7 +65,7 @@ def check_name(name: str) -> None:
 
 def collect(name: str, path: Path, max_examples: int | None) -> tuple[list[Parsed], Any]:
     """Parse ``path`` (a leaf) or every task under it (a container); also its JSON."""
-    data = read_task_json(path)
+    data = read_task_json(path, name)
     if not is_container(data):
         return [parse_task(data, name, str(path), max_examples)], data
     subdirs = sorted(p for p in path.parent.iterdir() if (p / "task.json").is_file())

@@ -22,7 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorashelf.data.sources import SOURCES, Source, parse_options, row_example, subset, task_kind
+from lorashelf.data.rows import row_example, task_kind
+from lorashelf.data.sources import SOURCES, Source, parse_options, subset
 from lorashelf.data.task import Task
 from lorashelf.errors import LorashelfError, did_you_mean
 

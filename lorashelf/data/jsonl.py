@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorashelf.data.sources import SOURCES, Source, parse_options, row_example, subset, task_kind
+from lorashelf.data.rows import row_example, task_kind
+from lorashelf.data.sources import SOURCES, Source, parse_options, subset
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 

@@ -4,9 +4,8 @@ A source turns the part of a task id after the first ``:`` into a :class:`Task`
 (``bigbench:sports_understanding``, ``jsonl:./my.jsonl``, ``hf:data.parquet?...``) and
 may list the tasks it knows. Adding a source costs one module and one
 ``SOURCES.register("name")`` line, as with lm-eval's task registry. This module also
-holds the helpers every source shares: ``?key=value`` options in ids, the
-deterministic ``max_examples`` subset, and moving a prompt's trailing space onto the
-answers so ``prompt + option`` is exactly the text and tokenizes cleanly.
+holds what every source shares: ``?key=value`` options in ids and the
+deterministic ``max_examples`` subset.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
-from lorashelf.data.task import Example, Kind, Task
+from lorashelf.data.task import Kind, Task
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.registry import Registry
 
@@ -87,40 +86,6 @@ def subset(items: Sequence[T], max_examples: int | None, seed: str) -> list[T]:
     return [items[i] for i in keep]
 
 
-def move_trailing_space(prompt: str, answers: Sequence[str]) -> tuple[str, list[str]]:
-    """``("A: ", ["yes"])`` -> ``("A:", [" yes"])``: the same text, split where
-    tokenizers split (lm-eval's ``target_delimiter``)."""
-    stripped = prompt.rstrip(" ")
-    moved = prompt[len(stripped) :]
-    return stripped, [moved + a for a in answers]
-
-
-def join_answers(prompt: str, answers: Sequence[str], sep: str) -> tuple[str, list[str]]:
-    """Join a prompt and its answers for sources that store them apart (JSONL, HF).
-
-    ``sep`` goes between them only when neither side already has whitespace at the
-    seam; then any trailing space of the prompt moves onto the answers.
-    """
-    joined = [
-        a if (not prompt or prompt[-1:].isspace() or a[:1].isspace()) else sep + a for a in answers
-    ]
-    return move_trailing_space(prompt, joined)
-
-
-def make_example(
-    prompt: str,
-    *,
-    targets: Sequence[str] = (),
-    options: Sequence[str] = (),
-    answer: int | None = None,
-) -> Example:
-    """An :class:`Example` for a generative (``targets``) or mc (``options``) row."""
-    if options:
-        assert answer is not None
-        return Example(prompt=prompt, target=options[answer], options=tuple(options), answer=answer)
-    return Example(prompt=prompt, target=targets[0], targets=tuple(targets))
-
-
 def parse_options(spec: str, allowed: Sequence[str], what: str) -> tuple[str, dict[str, str]]:
     """``"path?a=1&b=x"`` -> ``("path", {"a": "1", "b": "x"})``; unknown keys are errors."""
     base, _, query = spec.partition("?")
@@ -132,56 +97,3 @@ def parse_options(spec: str, allowed: Sequence[str], what: str) -> tuple[str, di
                 f"valid: {', '.join(allowed)}"
             )
     return base, opts
-
-
-def task_kind(examples: Sequence[Example], where: str) -> Kind:
-    """``mc`` if every example has options, ``gen`` if none has; mixing is an error."""
-    n_mc = sum(ex.is_mc for ex in examples)
-    if n_mc and n_mc != len(examples):
-        raise LorashelfError(
-            f"{where}: {n_mc} of {len(examples)} examples have options; a task must be all "
-            "multiple choice or all generative, split it into two files"
-        )
-    return "mc" if n_mc else "gen"
-
-
-def row_example(
-    prompt: Any,
-    *,
-    target: Any = None,
-    options: Any = None,
-    answer: Any = None,
-    sep: str = " ",
-    where: str,
-) -> Example:
-    """A JSONL/HF row -> :class:`Example`: ``target`` (str or list) or ``options`` +
-    ``answer`` (an index or the option's text); errors name ``where``."""
-    if not isinstance(prompt, str):
-        raise LorashelfError(f"{where}: the input must be a string, got {type(prompt).__name__}")
-    if options is not None:
-        if (
-            not isinstance(options, (list, tuple))
-            or len(options) < 2
-            or not all(isinstance(o, str) for o in options)
-        ):
-            raise LorashelfError(f"{where}: options must be a list of at least two strings")
-        if isinstance(answer, str) and answer in options:
-            answer = list(options).index(answer)
-        if (
-            isinstance(answer, bool)
-            or not isinstance(answer, int)
-            or not 0 <= answer < len(options)
-        ):
-            raise LorashelfError(
-                f"{where}: answer must be an index 0..{len(options) - 1} or one of the options, "
-                f"got {answer!r}"
-            )
-        prompt, opts = join_answers(prompt, options, sep)
-        return make_example(prompt, options=opts, answer=answer)
-    targets = target if isinstance(target, (list, tuple)) else [target]
-    if not targets or not all(isinstance(t, str) for t in targets):
-        raise LorashelfError(
-            f"{where}: needs a target (a string or a list of strings) or options + answer"
-        )
-    prompt, targets = join_answers(prompt, targets, sep)
-    return make_example(prompt, targets=targets)

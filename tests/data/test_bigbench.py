@@ -119,7 +119,9 @@ def test_no_winner_falls_back_on_target_else_errors(bb_home: Path) -> None:
 
 
 def test_malformed_json_names_file_and_fix(bb_home: Path) -> None:
-    with pytest.raises(LorashelfError, match=r"broken/task\.json is not valid JSON.*re-pull"):
+    with pytest.raises(
+        LorashelfError, match=r"broken/task\.json is not valid JSON.*--only broken`"
+    ):
         load_task("bigbench:broken", home=bb_home)
 
 
@@ -191,3 +193,16 @@ def test_ls_builds_a_missing_index(bb_home: Path) -> None:
     assert {t.id for t in list_tasks(bb_home, kind="gen")} == {"bigbench:capitals"}
     with pytest.raises(LorashelfError, match="use mc or gen"):
         list_tasks(bb_home, kind="chat")
+
+
+def test_malformed_subtask_names_its_full_name(bb_home: Path) -> None:
+    bad = bb_home / "data" / "bigbench" / "benchmark_tasks" / "deduction" / "four" / "task.json"
+    bad.write_text("{")
+    with pytest.raises(LorashelfError, match="--only deduction/four`"):
+        load_task("bigbench:deduction", home=bb_home)
+
+
+def test_json_that_is_not_a_task_object(bb_home: Path) -> None:
+    write_task(bb_home, "listy", [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(LorashelfError, match="not a BIG-bench task"):
+        load_task("bigbench:listy", home=bb_home)

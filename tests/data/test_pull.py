@@ -214,3 +214,21 @@ def test_waits_while_another_process_grows_the_part_file(tmp_path) -> None:
     wait_while_growing(part, quiet=0.3, poll=0.02)
     writer.join()
     assert part.read_bytes() == b"abbbb"
+
+
+def test_failed_swap_puts_the_previous_tree_back(tmp_path, make_sdist, monkeypatch) -> None:
+    home, sdist = tmp_path / "home", make_sdist()
+    pull_bigbench(home, sdist=sdist, only=["colors"], progress=False)
+    real_replace = os.replace
+
+    def flaky(src, dst) -> None:
+        if Path(src).name == "benchmark_tasks" and Path(src).parent.name.startswith(".pull-"):
+            raise OSError("disk trouble")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="disk trouble"):
+        pull_bigbench(home, sdist=sdist, only=["capitals"], progress=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert pulled(home) == {"colors"}
+    assert not [p for p in bb(home).iterdir() if p.name.startswith(".pull-")]
