@@ -15,7 +15,9 @@ number of choices gets the same permutation. Here the sorted choices are shuffle
 ``random.Random(f"{task name}|{input}")``: still deterministic and independent of the
 example's position, but varied across examples. A trailing space of the prompt moves
 onto the answers (``"\\nA:"`` + ``" yes"``), so ``prompt + option`` is exactly the
-BIG-bench text and tokenizes as it would be read.
+BIG-bench text and tokenizes as it would be read. Flags are read as json_task.py
+reads them, by Python truthiness: ``"append_choices_to_input": "false"`` (a string,
+in six tasks) appends the choices there, and here too.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MC_METRICS = {
 class Parsed:
     """One BIG-bench task.json with examples, rendered."""
 
+    name: str
     examples: tuple[Example, ...]
     kind: Kind
     description: str
@@ -166,6 +169,7 @@ def parse_task(data: Any, name: str, where: str, max_examples: int | None = None
         render_example(ex, fmt, kind, f"{where}: example {i}") for i, ex in enumerate(raw)
     )
     return Parsed(
+        name=name,
         examples=examples,
         kind=kind,
         description=str(data.get("description", "")),

@@ -100,9 +100,10 @@ def load(name: str, home: Path, max_examples: int | None) -> Task:
     parts, data = collect(name, path, max_examples)
     kinds = sorted({p.kind for p in parts})
     if len(kinds) > 1:
+        subtasks = ", ".join(f"bigbench:{p.name} ({p.kind})" for p in parts)
         raise LorashelfError(
-            f"bigbench:{name} mixes multiple-choice and generative subtasks; load its "
-            f"subtasks one by one (`lorashelf data ls --source bigbench` lists them)"
+            f"bigbench:{name} mixes multiple-choice and generative subtasks; load them "
+            f"one by one: {subtasks}"
         )
     return Task(
         id=f"bigbench:{name}",

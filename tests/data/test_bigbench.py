@@ -102,7 +102,9 @@ def test_container_mixing_kinds_is_an_error(bb_home: Path) -> None:
     write_task(bb_home, "mixed", {"name": "mixed", "canary": "c"})
     write_task(bb_home, "mixed/a", {"examples": [{"input": "x", "target": "y"}]})
     write_task(bb_home, "mixed/b", {"examples": [{"input": "x", "target_scores": {"y": 1}}]})
-    with pytest.raises(LorashelfError, match="mixes multiple-choice and generative"):
+    with pytest.raises(
+        LorashelfError, match=r"mixes .*: bigbench:mixed/a \(gen\), bigbench:mixed/b \(mc\)"
+    ):
         load_task("bigbench:mixed", home=bb_home)
     assert load_task("bigbench:mixed/a", home=bb_home).kind == "gen"
 
