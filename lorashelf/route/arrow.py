@@ -1,0 +1,80 @@
+"""Arrow routing (Ostapenko et al. 2024, arXiv 2405.11157, section 4): zero-shot, per
+token and per layer, from the experts' parameters alone.
+
+At every adapted module each expert has a prototype, the top right singular vector
+of its update ``B A`` (exact, from lorashelf.route.prototypes). A token ``x`` is
+scored against every expert by ``|<x, prototype_e>|`` (the sign of a singular vector
+is arbitrary), the ``top_k`` best are kept and a softmax over their scores divided by
+``temperature`` gives the mixture weights; the other experts get weight zero. PEFT's
+``create_arrow_model`` implements the same rule with power-iteration prototypes and
+computes every expert for every token; tests/route/test_peft_arrow.py compares both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorashelf.errors import LorashelfError
+from lorashelf.route.mixture import MIXES
+from lorashelf.route.prototypes import CACHE_FILE, arrow_prototypes
+from lorashelf.route.router import ROUTERS, RouterContext, RouterMethod
+
+
+@dataclass(frozen=True)
+class ArrowConfig:
+    """Arrow's options: experts per token, softmax temperature, output or parameter mixing."""
+
+    top_k: int = 4
+    temperature: float = 1.0
+    mix: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise LorashelfError(f"Arrow top_k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise LorashelfError(f"Arrow temperature must be > 0, got {self.temperature}")
+        if self.mix not in MIXES:
+            raise LorashelfError(f"unknown mix {self.mix!r}; use one of {', '.join(MIXES)}")
+
+
+class ArrowRouter(nn.Module):
+    """Top-k softmax over ``|x . prototype_e| / temperature`` for one module."""
+
+    def __init__(self, prototypes: torch.Tensor, top_k: int, temperature: float) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", prototypes, persistent=False)  # [E_m, d_in]
+        self.top_k: int | None = min(top_k, prototypes.shape[0])
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sim = nn.functional.linear(x, self.prototypes.to(x.dtype)).abs()  # [..., E_m]
+        vals, idx = sim.topk(self.top_k, dim=-1)
+        probs = (vals.float() / self.temperature).softmax(-1).to(x.dtype)
+        return torch.zeros_like(sim).scatter(-1, idx, probs)
+
+
+def build_arrow_routers(config: ArrowConfig, ctx: RouterContext) -> dict[str, ArrowRouter]:
+    """One :class:`ArrowRouter` per adapted module; prototypes cached in ``ctx.cache_dir``."""
+    n = len(ctx.experts)
+    if n == 0:
+        raise LorashelfError("Arrow needs at least one expert; the expert list is empty")
+    if config.top_k > n:
+        warnings.warn(
+            f"Arrow top_k={config.top_k} exceeds the {n} experts; using top_k={n}",
+            stacklevel=3,
+        )
+    use_cache = ctx.cache_dir is not None and ctx.checksums is not None
+    protos = arrow_prototypes(
+        ctx.experts,
+        checksums=ctx.checksums,
+        cache_path=ctx.cache_dir / CACHE_FILE if use_cache else None,
+        device=ctx.device,
+    )
+    return {m: ArrowRouter(p, config.top_k, config.temperature) for m, p in protos.items()}
+
+
+ROUTERS.register("arrow")(RouterMethod(ArrowConfig, build_arrow_routers))

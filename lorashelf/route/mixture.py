@@ -1,0 +1,272 @@
+"""The mixture-of-LoRA layer: a base ``nn.Linear`` plus a weighted mix of many experts.
+
+Every reuse method of Ostapenko et al. 2024 (arXiv 2405.11157) and LoraHub (Huang et
+al. 2023, arXiv 2307.13269) computes ``base(x) + sum_e w_e(x) * scale_e * B_e A_e x``;
+they differ only in where the weights come from: fixed ``(E,)`` (merges, oracle, a
+LoraHub candidate), per sequence ``(batch, E)`` (a whole LoraHub population scored in
+one forward pass, one candidate per row), or per token from a router (Arrow,
+PHATGOOSE). :func:`attach` swaps the adapted ``nn.Linear`` modules of a model for
+:class:`MixtureLinear` in place and returns a handle that sets the weights and
+restores the original modules. No dense ``d_out x d_in`` delta is ever formed: all
+experts' ``A`` are one ``(E*r) x d_in`` matrix, so one matmul gives every expert's
+r-dim projection, which is weighted and sent through one ``d_out x (E*r)`` matmul
+("dense" strategy). For a router's top-k over very many experts the layer can gather
+only the chosen experts' factors per token instead ("gather"); ``auto`` picks by the
+crossover measured in bench/arrow_forward.py. ``mix="params"`` mixes the factors
+instead of the outputs, as mttl does (``B_mix A_mix x`` with ``A_mix = sum w_e A_e``,
+``B_mix = sum w_e scale_e B_e``), computed without forming the mixed matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorashelf.errors import LorashelfError
+from lorashelf.route.router import Router
+from lorashelf.route.stack import Experts, ExpertStack, check_experts, stack_experts
+
+MIXES = ("output", "params")
+STRATEGIES = ("auto", "dense", "gather")
+# "auto" gathers when a module has more than this many experts per chosen expert:
+# the dense path's cost grows with E, the gather path's with top_k but at a much
+# higher cost per expert (memory-bound); see bench/arrow_forward.py --strategies.
+GATHER_EXPERTS_PER_K = 64
+
+
+@dataclass
+class MixtureState:
+    """What all layers of one attachment share: the weights or routing, and a recorder."""
+
+    n_experts: int
+    mix: str = "output"
+    strategy: str = "auto"
+    weights: torch.Tensor | None = None  # (E,) or (batch, E)
+    routed: bool = False
+    recorder: Any = None  # lorashelf.route.stats.Recorder while recording
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class MixtureLinear(nn.Module):
+    """``base(x) + sum_e w_e * scale_e * B_e A_e x`` over the experts adapting ``base``."""
+
+    def __init__(self, base: nn.Linear, stack: ExpertStack, state: MixtureState) -> None:
+        super().__init__()
+        if stack.d_in != base.in_features or stack.d_out != base.out_features:
+            raise LorashelfError(
+                f"experts at {stack.module} have d_in={stack.d_in}, d_out={stack.d_out} but the "
+                f"model's layer is {base.in_features} -> {base.out_features}: the experts were "
+                "trained on another base model"
+            )
+        self.base_layer = base
+        self.name = stack.module
+        self.state = state
+        self.router: Router | None = None
+        e, r = stack.A.shape[0], stack.A.shape[1]
+        self.n_local, self.rank = e, r
+        w = base.weight
+        self.register_buffer("A_all", stack.A.reshape(e * r, -1).to(w.device, w.dtype), False)
+        self.register_buffer("B_all", stack.B.permute(1, 0, 2).reshape(-1, e * r).to(w), False)
+        members = torch.tensor(stack.members, dtype=torch.long)
+        self.register_buffer("members", members.to(w.device), False)
+        self.complete = list(stack.members) == list(range(state.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        st = self.state
+        if st.routed:
+            if self.router is None:  # the router method has no router for this module
+                return y
+            w = self.router(x)
+            self._record(w, x)
+            strategy = _choose(st.strategy, self.router.top_k, self.n_local)
+            if strategy == "gather":
+                return y + self._gather(x, w, self.router.top_k).to(y.dtype)
+        elif st.weights is not None:
+            w = self._local(st.weights, x)
+            self._record(w, x)
+        else:
+            raise LorashelfError(
+                "the mixture has no weights: call set_weights(...) or set_routers(...) first"
+            )
+        return y + self._dense(x, w.to(x.dtype)).to(y.dtype)
+
+    def _local(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Global weights -> this module's experts, broadcastable against ``x[..., :1]``."""
+        w = weights.to(x.device)
+        if not self.complete:
+            w = w.index_select(-1, self.members)
+        if w.dim() == 1:
+            return w
+        if x.dim() < 2 or x.shape[0] != w.shape[0]:
+            raise LorashelfError(
+                f"per-sequence weights have {w.shape[0]} rows but {self.name} got a batch of "
+                f"{x.shape[0] if x.dim() > 1 else 1}: pass one weight row per sequence (beam "
+                "search and num_return_sequences > 1 change the batch size)"
+            )
+        return w.reshape(w.shape[0], *([1] * (x.dim() - 2)), w.shape[-1])
+
+    def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        e, r = self.n_local, self.rank
+        h = nn.functional.linear(x, self.A_all.to(x.dtype))  # [..., E_m*r]
+        if self.state.mix == "output":
+            u = h * w.repeat_interleave(r, dim=-1)
+        else:  # params: (sum_e w_e B_e) (sum_e w_e A_e) x, per token or sequence
+            h = h.unflatten(-1, (e, r))
+            z = (h * w.unsqueeze(-1)).sum(-2, keepdim=True)  # [..., 1, r]
+            u = (w.unsqueeze(-1) * z).flatten(-2)
+        return nn.functional.linear(u, self.B_all.to(x.dtype))
+
+    def _gather(self, x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2, w2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]).to(x.dtype)
+        vals, idx = w2.topk(k, dim=-1)  # [N, k]
+        e, r = self.n_local, self.rank
+        A = self.A_all.to(x.dtype).view(e, r, -1)
+        B = self.B_all.to(x.dtype).view(-1, e, r).transpose(0, 1)  # [E_m, d_out, r]
+        h = torch.einsum("nd,nkrd->nkr", x2, A[idx])
+        if self.state.mix == "output":
+            u = h * vals.unsqueeze(-1)
+        else:
+            z = (h * vals.unsqueeze(-1)).sum(1, keepdim=True)
+            u = vals.unsqueeze(-1) * z
+        out = torch.einsum("nkr,nkor->no", u, B[idx])
+        return out.reshape(*shape, out.shape[-1])
+
+    def _record(self, w: torch.Tensor, x: torch.Tensor) -> None:
+        if self.state.recorder is not None:
+            self.state.recorder.add(self.name, self.members, w.detach(), x.shape[:-1])
+
+
+def _choose(strategy: str, top_k: int | None, n_local: int) -> str:
+    if strategy != "auto":
+        return strategy if top_k is not None else "dense"
+    if top_k is not None and n_local > GATHER_EXPERTS_PER_K * top_k:
+        return "gather"
+    return "dense"
+
+
+class MixtureHandle:
+    """The mixture layers attached to one model; ``detach()`` restores the originals.
+
+    Also a context manager: ``with attach(model, experts, weights=w): ...`` detaches
+    on exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        expert_names: Sequence[str],
+        layers: dict[str, MixtureLinear],
+        state: MixtureState,
+    ) -> None:
+        self.model = model
+        self.expert_names = list(expert_names)
+        self.layers = layers
+        self.state = state
+        self._originals = {name: layer.base_layer for name, layer in layers.items()}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._originals)
+
+    def set_weights(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Fixed ``(E,)`` or per-sequence ``(batch, E)`` weights (gradients flow into them)."""
+        w = weights if isinstance(weights, torch.Tensor) else torch.tensor(list(weights))
+        if not w.is_floating_point():
+            w = w.float()
+        if w.dim() not in (1, 2) or w.shape[-1] != self.state.n_experts:
+            raise LorashelfError(
+                f"weights must have shape ({self.state.n_experts},) or (batch, "
+                f"{self.state.n_experts}) for experts {', '.join(self.expert_names)}; "
+                f"got {tuple(w.shape)}"
+            )
+        self.state.weights, self.state.routed = w, False
+
+    def set_routers(self, routers: Mapping[str, Router]) -> None:
+        """Per-token routing: one router per module path (modules without one add nothing)."""
+        unknown = sorted(set(routers) - set(self.layers))
+        if unknown:
+            raise LorashelfError(f"routers for modules that are not attached: {unknown[:3]}")
+        for name, layer in self.layers.items():
+            router = routers.get(name)
+            if isinstance(router, nn.Module):
+                router.to(layer.A_all.device)
+            layer.router = router
+        self.state.weights, self.state.routed = None, True
+
+    def detach(self) -> None:
+        """Put the original modules back (idempotent)."""
+        for name, original in self._originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, original)
+        self._originals = {}
+
+    def __enter__(self) -> MixtureHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach(
+    model: nn.Module,
+    experts: Experts,
+    *,
+    weights: torch.Tensor | Sequence[float] | None = None,
+    routers: Mapping[str, Router] | None = None,
+    mix: str = "output",
+    strategy: str = "auto",
+) -> MixtureHandle:
+    """Replace each module adapted by any expert with a :class:`MixtureLinear`, in place.
+
+    ``experts`` is a list of ``(name, {module path: factors})`` with paths relative to
+    ``model`` (e.g. ``model.layers.0.self_attn.q_proj`` for a ``*ForCausalLM``).
+    Stacks live on each layer's device in its dtype.
+    """
+    if mix not in MIXES:
+        raise LorashelfError(f"unknown mix {mix!r}; use one of {', '.join(MIXES)}")
+    if strategy not in STRATEGIES:
+        raise LorashelfError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    names = check_experts(experts)
+    stacks = stack_experts(experts)
+    bases = {m: _find_linear(model, m, names, experts) for m in stacks}
+    state = MixtureState(n_experts=len(names), mix=mix, strategy=strategy)
+    layers = {m: MixtureLinear(bases[m], stacks[m], state) for m in stacks}
+    for m, layer in layers.items():
+        parent, _, child = m.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    handle = MixtureHandle(model, names, layers, state)
+    try:
+        if weights is not None:
+            handle.set_weights(weights)
+        elif routers is not None:
+            handle.set_routers(routers)
+    except BaseException:
+        handle.detach()  # a bad argument leaves the model as it was
+        raise
+    return handle
+
+
+def _find_linear(model: nn.Module, path: str, names: list[str], experts: Experts) -> nn.Linear:
+    users = [n for n, (_, f) in zip(names, experts) if path in f]
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise LorashelfError(
+            f"module {path} (adapted by {', '.join(users[:5])}) is not in the model: these "
+            "experts belong to another architecture; pass the *ForCausalLM model they were "
+            "trained on"
+        ) from None
+    if isinstance(module, MixtureLinear):
+        raise LorashelfError(f"{path} already has a mixture attached; detach() it first")
+    if not isinstance(module, nn.Linear):
+        raise LorashelfError(
+            f"module {path} (adapted by {', '.join(users[:5])}) is a {type(module).__name__}, "
+            "not nn.Linear; only LoRA on linear layers can be mixed"
+        )
+    return module

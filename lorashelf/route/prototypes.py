@@ -1,0 +1,150 @@
+"""Exact Arrow prototypes from LoRA factors, batched, with a per-expert disk cache.
+
+Arrow (Ostapenko et al. 2024, arXiv 2405.11157, section 4) routes a token by its
+alignment with each expert's prototype: the top right singular vector of the
+expert's update ``delta W = B A`` at that module. PEFT approximates it with 15 steps
+of power iteration on ``A^T B^T B A``; we compute it exactly without forming the
+``d_out x d_in`` delta: with thin QRs ``B = Qb Rb`` and ``A^T = Qa Ra``,
+``B A = Qb (Rb Ra^T) Qa^T``, so the SVD of the ``r x r`` core ``Rb Ra^T = U S V^T``
+gives ``delta W``'s right singular vectors as ``Qa V``. Everything is batched over all
+(expert, module) pairs of one shape. Prototypes depend only on an expert's factors,
+so they are cached in a safetensors file keyed by the expert's checksum (the caller's
+choice, e.g. the sha256 of adapter_model.safetensors): adding experts to a library
+computes only theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorashelf.errors import LorashelfError
+from lorashelf.route.stack import Experts, Factors, check_experts
+
+CACHE_FORMAT = "lorashelf-arrow-prototypes/1"
+CACHE_FILE = "arrow_prototypes.safetensors"
+CHUNK = 2048  # (expert, module) pairs per batched QR/SVD call
+
+
+def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of each ``B[i] @ A[i]``: ``A [n, r, d_in]``, ``B [n, d_out, r]``.
+
+    Returns ``[n, d_in]`` unit vectors in float32 (float64 inputs stay float64), each
+    with its largest-magnitude entry positive so results are reproducible.
+    """
+    dt = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A, B = A.to(dt), B.to(dt)
+    qa, ra = torch.linalg.qr(A.mT)  # A^T = Qa Ra: [n, d_in, r'], [n, r', r]
+    rb = torch.linalg.qr(B, mode="r").R  # B = Qb Rb: [n, r'', r]
+    core = rb @ ra.mT  # [n, r'', r']
+    vh = torch.linalg.svd(core).Vh  # rows: right singular vectors of the core
+    v = (qa @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)
+    sign = torch.sign(v.gather(-1, v.abs().argmax(-1, keepdim=True)))
+    return v * torch.where(sign == 0, 1.0, sign)
+
+
+def _compute(
+    jobs: Sequence[tuple[str, str, Factors]], device: torch.device | str | None
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Prototypes of (expert key, module, factors) jobs, batched by factor shapes."""
+    groups: dict[tuple, list[tuple[str, str, Factors]]] = {}
+    for job in jobs:
+        groups.setdefault((tuple(job[2].A.shape), tuple(job[2].B.shape)), []).append(job)
+    out = {}
+    for group in groups.values():
+        for start in range(0, len(group), CHUNK):
+            part = group[start : start + CHUNK]
+            dev = device if device is not None else part[0][2].A.device
+            A = torch.stack([f.A.to(dev, torch.float32) for _, _, f in part])
+            B = torch.stack([f.B.to(dev, torch.float32) for _, _, f in part])
+            protos = top_right_singular_vectors(A, B).cpu()
+            out.update({(key, m): p for (key, m, _), p in zip(part, protos)})
+    return out
+
+
+def arrow_prototypes(
+    experts: Experts,
+    *,
+    checksums: Sequence[str] | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Arrow prototypes of every adapted module: ``{module path: [E_m, d_in] float32}``.
+
+    Rows follow the experts' order, over the experts adapting that module (the
+    order of :class:`~lorashelf.route.stack.ExpertStack` members). With
+    ``cache_path`` and ``checksums`` (one per expert), prototypes of experts already
+    in the cache file are read from it and the new ones are computed and added.
+    Tensors are returned on the CPU.
+    """
+    names = check_experts(experts)
+    if cache_path is not None and checksums is None:
+        raise LorashelfError("a prototype cache needs one checksum per expert; pass checksums")
+    if checksums is not None and len(checksums) != len(names):
+        raise LorashelfError(f"got {len(checksums)} checksums for {len(names)} experts")
+    keys = list(checksums) if checksums is not None else names
+    cached = read_cache(cache_path, keys, experts) if cache_path is not None else {}
+    todo = [
+        (k, m, f)
+        for k, (_, fs) in zip(keys, experts)
+        for m, f in fs.items()
+        if (k, m) not in cached
+    ]
+    fresh = _compute(todo, device)
+    if cache_path is not None and fresh:
+        write_cache(cache_path, fresh)
+    protos = {**cached, **fresh}
+    modules = sorted({m for _, fs in experts for m in fs})
+    return {
+        m: torch.stack([protos[(k, m)] for k, (_, fs) in zip(keys, experts) if m in fs]).float()
+        for m in modules
+    }
+
+
+def read_cache(
+    path: str | os.PathLike[str], keys: Sequence[str], experts: Experts
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Cached prototypes of the experts whose every module is in the file."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT:
+            raise LorashelfError(
+                f"{path} is not an Arrow prototype cache ({CACHE_FORMAT}); delete it to rebuild"
+            )
+        stored = set(f.keys())
+        for key, (_, factors) in zip(keys, experts):
+            wanted = [f"{key}/{m}" for m in factors]
+            if all(w in stored for w in wanted):
+                out.update({(key, m): f.get_tensor(f"{key}/{m}") for m in factors})
+    return out
+
+
+def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torch.Tensor]) -> None:
+    """Add prototypes to the cache file (rewritten through a temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.update({f"{key}/{m}": p.float().contiguous() for (key, m), p in new.items()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        meta = {"format": CACHE_FORMAT, "method": "exact: thin QR of A^T and B, SVD of r x r core"}
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

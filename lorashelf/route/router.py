@@ -1,0 +1,84 @@
+"""The router protocol and the registry of routing methods.
+
+A router decides, token by token, how much each expert of one adapted module
+contributes. Zero-shot routers (Arrow, Ostapenko et al. 2024, arXiv 2405.11157;
+PHATGOOSE, Muqeeth et al. 2024) are built from the experts alone, one router per
+adapted module. Adding a method costs one module defining a frozen config dataclass
+and a ``build`` function, plus one ``ROUTERS.register(name)`` entry:
+
+    @dataclass(frozen=True)
+    class MyConfig:
+        top_k: int = 4
+        mix: str = "output"        # read by build_routed_model: "output" or "params"
+
+    def build_my_routers(config: MyConfig, ctx: RouterContext) -> dict[str, Router]: ...
+
+    ROUTERS.register("mine")(RouterMethod(MyConfig, build_my_routers))
+
+``ctx.experts`` is the list of ``(name, {module path: factors})``, ``ctx.stacks`` maps
+each adapted module path to its :class:`~lorashelf.route.stack.ExpertStack` (the
+experts present there, stacked); the returned dict maps module paths to routers
+(a module without a router adds nothing). A router is any callable (an ``nn.Module`` if it holds tensors, so it moves
+with the model) that takes the layer input ``x [..., d_in]`` and returns weights
+``[..., E_m]`` over the module's ``E_m`` present experts, in ``stack.members`` order,
+zero for experts not chosen. It exposes ``top_k`` (``int``, or ``None`` when its
+weights are dense), which lets the mixture layer gather only the chosen experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from lorashelf.registry import Registry
+from lorashelf.route.stack import Experts, ExpertStack, stack_experts
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Per-module token router: ``x [..., d_in] -> weights [..., E_m]``."""
+
+    top_k: int | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class RouterContext:
+    """What a router builder may use besides the factors.
+
+    ``checksums`` (one per expert, in the experts' order, e.g. the sha256 of each
+    adapter_model.safetensors) key derived tensors in ``cache_dir`` so they are
+    computed once per expert; ``None`` disables caching.
+    """
+
+    experts: Experts
+    checksums: Sequence[str] | None = None
+    cache_dir: Path | None = None
+    device: torch.device | str | None = None  # where to compute (None: where the factors are)
+    extras: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [name for name, _ in self.experts]
+
+    @cached_property
+    def stacks(self) -> dict[str, ExpertStack]:
+        """Each adapted module's experts, stacked (computed on first use)."""
+        return stack_experts(self.experts, device=self.device)
+
+
+@dataclass(frozen=True)
+class RouterMethod:
+    """A routing method: its config class and the function building its routers."""
+
+    config_cls: type
+    build: Callable[[Any, RouterContext], dict[str, Router]]
+
+
+ROUTERS: Registry[RouterMethod] = Registry("router")

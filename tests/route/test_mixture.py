@@ -1,0 +1,241 @@
+"""The mixture-of-LoRA layer against plain per-expert matmuls, PEFT, and itself."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from lorashelf.errors import LorashelfError
+from lorashelf.route import attach
+from lorashelf.route.arrow import ArrowRouter
+
+D_IN, D_OUT = 24, 40
+
+
+class Net(nn.Module):
+    """One linear layer at path "proj", for layer-level checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(D_IN, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def layer_experts(kit, ranks=(4, 4, 4), seed=0):
+    return [
+        (f"x{i}", kit.random_factors({"proj": (D_OUT, D_IN)}, r=r, seed=seed + i, scale=0.5 + i))
+        for i, r in enumerate(ranks)
+    ]
+
+
+def manual(net: Net, experts, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Reference: base output plus each expert's scale * B A x times its weight, one by one."""
+    y = getattr(net.proj, "base_layer", net.proj)(x)
+    w = w.expand(*x.shape[:-1], len(experts)) if w.dim() == 1 else w
+    for e, (_, f) in enumerate(experts):
+        if "proj" in f:
+            f = f["proj"]
+            y = y + w[..., e : e + 1] * f.scale * (x @ f.A.T @ f.B.T)
+    return y
+
+
+def test_fixed_weights_equal_per_expert_sum(kit) -> None:
+    net, experts = Net(), layer_experts(kit)
+    x = torch.randn(2, 5, D_IN)
+    w = torch.tensor([0.5, -1.0, 2.0])
+    want = manual(net, experts, x, w)
+    with attach(net, experts, weights=w):
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sequence_weights_equal_each_sequence_alone(kit) -> None:
+    net, experts = Net(), layer_experts(kit)
+    x = torch.randn(3, 5, D_IN)
+    w = torch.randn(3, 3)
+    with attach(net, experts, weights=w) as handle:
+        together = net(x)
+        for b in range(3):
+            handle.set_weights(w[b])
+            torch.testing.assert_close(together[b], net(x[b]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(together[b], manual(net, experts, x[b], w[b]))
+
+
+def test_router_weights_top_k_equal_e_equal_per_expert_sum(kit) -> None:
+    net, experts = Net(), layer_experts(kit)
+    protos = torch.nn.functional.normalize(torch.randn(3, D_IN), dim=-1)
+    router = ArrowRouter(protos, top_k=3, temperature=0.7)
+    x = torch.randn(2, 5, D_IN)
+    weights = (x @ protos.T).abs().div(0.7).softmax(-1)
+    with attach(net, experts, routers={"proj": router}):
+        torch.testing.assert_close(net(x), manual(net, experts, x, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mix", ["output", "params"])
+def test_gather_strategy_equals_dense(kit, mix: str) -> None:
+    net, experts = Net(), layer_experts(kit, ranks=(4, 2, 4, 3, 4, 1))
+    router = ArrowRouter(torch.randn(6, D_IN), top_k=2, temperature=1.0)
+    x = torch.randn(2, 7, D_IN)
+    outs = {}
+    for strategy in ("dense", "gather"):
+        with attach(net, experts, routers={"proj": router}, mix=mix, strategy=strategy):
+            outs[strategy] = net(x)
+    torch.testing.assert_close(outs["gather"], outs["dense"], rtol=1e-5, atol=1e-5)
+
+
+def test_params_mix_equals_mixed_factors(kit) -> None:
+    net, experts = Net(), layer_experts(kit, ranks=(4, 4, 4))
+    w = torch.tensor([0.2, 0.5, 0.3])
+    fs = [f["proj"] for _, f in experts]
+    A_mix = sum(wi * f.A for wi, f in zip(w, fs))
+    B_mix = sum(wi * f.scale * f.B for wi, f in zip(w, fs))
+    x = torch.randn(4, D_IN)
+    with attach(net, experts, weights=w, mix="params"):
+        torch.testing.assert_close(net(x), net.proj.base_layer(x) + x @ A_mix.T @ B_mix.T)
+    # per token: each token's own mixed factors
+    router = ArrowRouter(torch.randn(3, D_IN), top_k=2, temperature=1.0)
+    with attach(net, experts, routers={"proj": router}, mix="params"):
+        out, wt = net(x), router(x)
+        for t in range(4):
+            a = sum(wt[t, e] * fs[e].A for e in range(3))
+            b = sum(wt[t, e] * fs[e].scale * fs[e].B for e in range(3))
+            torch.testing.assert_close(out[t], net.proj.base_layer(x[t]) + b @ (a @ x[t]))
+
+
+def test_mixed_ranks_and_partial_modules(kit, model, shapes, ids) -> None:
+    full = kit.random_factors(shapes, r=2, seed=1)
+    partial = {m: f for m, f in kit.random_factors(shapes, r=6, seed=2).items() if "q_proj" in m}
+    experts = [("r2", full), ("r6_q_only", partial)]
+    w = torch.tensor([0.7, 1.3])
+    ref = copy.deepcopy(model)
+    with torch.no_grad():  # reference: fold each expert's delta into a copy of the weights
+        for _, fs in experts:
+            for m, f in fs.items():
+                wt = 0.7 if fs is full else 1.3
+                ref.get_submodule(m).weight += wt * f.scale * f.B @ f.A
+        with attach(model, experts, weights=w):
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_one_expert_weight_one_equals_peft(kit, model, shapes, ids, tmp_path) -> None:
+    factors = kit.random_factors(shapes, r=4, seed=5)
+    path = kit.write_peft_adapter(model, factors, tmp_path / "a", alpha=8)
+    loaded = kit.read_lora_factors(path)
+    assert sorted(loaded) == sorted(shapes)
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        with attach(model, [("a", loaded)], weights=[1.0]):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - model(input_ids=ids).logits).abs().max() > 1e-2  # the adapter matters
+
+
+def test_detach_restores_exact_base(model, experts, ids) -> None:
+    originals = {m: model.get_submodule(m) for m in experts[0][1]}
+    with torch.no_grad():
+        before = model(ids).logits
+        handle = attach(model, experts, weights=torch.ones(4))
+        assert not torch.equal(model(ids).logits, before)
+        handle.detach()
+        handle.detach()  # idempotent
+        assert torch.equal(model(ids).logits, before)
+    assert all(model.get_submodule(m) is mod for m, mod in originals.items())
+    with attach(model, experts, weights=torch.ones(4)):
+        pass
+    assert all(model.get_submodule(m) is mod for m, mod in originals.items())
+
+
+def test_generation_with_kv_cache_and_per_sequence_weights(model, experts) -> None:
+    prompt = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    w = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0], [0.2, 0.2, 0.2, 2.0]])
+    with torch.no_grad(), attach(model, experts, weights=w) as handle:
+        gen = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0
+        )
+        seq = prompt
+        for _ in range(6):  # step by step, no cache, whole sequence each time
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert torch.equal(gen, seq)
+        handle.set_weights(w[2])  # row 2 alone gives the same continuation
+        alone = model.generate(prompt[2:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(alone[0], gen[2])
+
+
+def test_bf16(model, experts, ids) -> None:
+    ref = model(ids).logits
+    with torch.no_grad():
+        with attach(model, experts, weights=torch.full((4,), 0.25)):
+            want = model(ids).logits
+        model.to(torch.bfloat16)
+        with attach(model, experts, weights=torch.full((4,), 0.25)):
+            got = model(ids).logits
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    err = (got.float() - want).abs().max()
+    assert err < 0.1 * (want - ref).abs().max() + 0.05
+
+
+def test_gradients_wrt_weights_match_finite_differences(model, experts, ids) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    target = torch.randint(3, 128, ids.shape, generator=torch.Generator().manual_seed(3))
+
+    def loss_at(w: torch.Tensor) -> torch.Tensor:
+        handle.set_weights(w)
+        logits = model(ids).logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    for w0 in (torch.tensor([0.3, -0.2, 0.5, 0.1]), torch.rand(3, 4)):
+        with attach(model, experts) as handle:
+            w = w0.clone().requires_grad_(True)
+            loss_at(w).backward()
+            grad = w.grad.clone()
+            fd = torch.zeros_like(w0)
+            eps = 1e-2
+            with torch.no_grad():
+                for i in range(w0.numel()):
+                    d = torch.zeros(w0.numel())
+                    d[i] = eps
+                    d = d.view_as(w0)
+                    fd.view(-1)[i] = (loss_at(w0 + d) - loss_at(w0 - d)) / (2 * eps)
+        assert grad.abs().max() > 1e-3
+        torch.testing.assert_close(grad, fd, rtol=2e-2, atol=2e-4)
+
+
+def test_errors(kit, model, experts, ids) -> None:
+    with pytest.raises(LorashelfError, match="no experts"):
+        attach(model, [])
+    with pytest.raises(LorashelfError, match="unique"):
+        attach(model, [experts[0], experts[0]])
+    with pytest.raises(LorashelfError, match="shape"):
+        attach(model, experts, weights=torch.ones(3))
+    with attach(model, experts) as handle:
+        with pytest.raises(LorashelfError, match="no weights"):
+            model(ids)
+        handle.set_weights(torch.ones(2, 4))
+        with pytest.raises(LorashelfError, match="2 rows"):
+            model(ids)
+        with pytest.raises(LorashelfError, match="already has a mixture"):
+            attach(model, experts)
+    wrong = [("big", kit.random_factors({"model.layers.0.self_attn.q_proj": (64, 32)}))]
+    with pytest.raises(LorashelfError, match="another base model"):
+        attach(model, wrong)
+    mixed = experts[:1] + [
+        ("odd", kit.random_factors({"model.layers.0.self_attn.q_proj": (64, 32)}))
+    ]
+    with pytest.raises(LorashelfError, match="e0.*odd|odd.*e0"):
+        attach(model, mixed)
+    missing = [("gpt", kit.random_factors({"transformer.h.0.attn.c_attn": (8, 8)}))]
+    with pytest.raises(LorashelfError, match="not in the model"):
+        attach(model, missing)
+    with pytest.raises(LorashelfError, match="not nn.Linear"):
+        attach(model, [("n", kit.random_factors({"model.norm": (64, 64)}))])
+    with pytest.raises(LorashelfError, match="unknown mix"):
+        attach(model, experts, mix="sum")
