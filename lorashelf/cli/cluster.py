@@ -159,9 +159,9 @@ def print_clusters(doc: dict) -> None:
 
     st = doc["stats"]
     table = Table(
-        title=f"{doc['method']}: {doc['source']['n_experts']} experts -> {doc['k']} clusters "
-        f"({doc['similarity']} cosine: intra {_fmt(st['mean_intra_cosine'])}, "
-        f"inter {_fmt(st['mean_inter_cosine'])})"
+        title=f"{doc['method']}: {doc['source']['n_experts']} experts -> {doc['k']} clusters",
+        caption=f"mean {doc['similarity']} cosine: intra-cluster {_fmt(st['mean_intra_cosine'])}, "
+        f"inter-cluster {_fmt(st['mean_inter_cosine'])}",
     )
     for col in ("cluster", "size", "intra cos", "experts", "tasks"):
         table.add_column(

@@ -97,7 +97,7 @@ class ClusterContext:
 class Outcome:
     labels: list[int]
     similarity: torch.Tensor  # [n, n], the one the stats and the heatmap show
-    similarity_kind: str  # "parameters" or "text"
+    similarity_kind: str  # "parameter" or "text"
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,7 +115,7 @@ def mbc(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
     sim = ctx.parameter_similarity(cfg)
     labels, info = _kmeans_rows(sim.matrix, cfg)
     info.update({"param_dim": sim.dim, "svd_dim_used": sim.svd_dim, "svd_energy": sim.svd_energy})
-    return Outcome(labels, sim.matrix, "parameters", info)
+    return Outcome(labels, sim.matrix, "parameter", info)
 
 
 def balanced_sizes(n: int, k: int) -> tuple[int, ...]:
@@ -135,7 +135,7 @@ def random_clusters(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
             labels[i] = c
         pos += size
     sim = ctx.parameter_similarity(cfg)  # only for the statistics and the heatmap
-    return Outcome(labels, sim.matrix, "parameters", {"sizes_requested": list(sizes)})
+    return Outcome(labels, sim.matrix, "parameter", {"sizes_requested": list(sizes)})
 
 
 @CLUSTERERS.register("embedding")
@@ -173,10 +173,8 @@ def validate(n: int, cfg: ClusterConfig) -> None:
             "(train more experts with `lorashelf train`)"
         )
     if not 1 <= cfg.k <= n:
-        raise LorashelfError(
-            f"--k {cfg.k} asks for more clusters than the {n} experts (or fewer than 1); "
-            f"pass --k between 1 and {n}"
-        )
+        what = f"is more than the {n} experts to cluster" if cfg.k > n else "must be at least 1"
+        raise LorashelfError(f"--k {cfg.k} {what}; pass --k between 1 and {n}")
     if cfg.sizes is not None and (
         len(cfg.sizes) != cfg.k or sum(cfg.sizes) != n or min(cfg.sizes) < 1
     ):

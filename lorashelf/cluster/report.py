@@ -122,7 +122,7 @@ def write_outputs(
             Path(plot).parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_png = tempfile.mkstemp(dir=Path(plot).parent, prefix=".plot.", suffix=".png")
             os.close(fd)
-            kind = {"parameters": "LoRA-parameter", "text": "prompt-embedding"}
+            kind = {"parameter": "LoRA-parameter", "text": "prompt-embedding"}
             title = (
                 f"{doc['method']}: {len(clustering.names)} experts, k={doc['k']} "
                 f"({kind.get(doc['similarity'], doc['similarity'])} cosine)"

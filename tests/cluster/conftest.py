@@ -168,7 +168,11 @@ def peft_library(tmp_path, tiny_model):
         lib.add(
             tmp_path / "adapters" / f"e{i}",
             name=name,
-            card={"tasks": [f"jsonl:fam{fam}_{i}.jsonl"], "init_seed": 0},
+            card={
+                "tasks": [f"jsonl:fam{fam}_{i}.jsonl"],
+                "init_seed": 0,
+                "base_model": str(tmp_path / "base"),
+            },
         )
         truth[name] = fam
     return tmp_path / "lib", truth
