@@ -72,9 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.home is None:
         args.home = default_home()
     try:
-        from lorashelf.runtime import setup_runtime
+        # Verbs that never touch a model (library ls, data ls) set needs_torch=False,
+        # so they answer without paying for importing torch.
+        if getattr(args, "needs_torch", True):
+            from lorashelf.runtime import setup_runtime
 
-        setup_runtime(args)
+            setup_runtime(args)
         rc = args.func(args)
         return int(rc or 0)
     except LorashelfError as e:

@@ -29,10 +29,21 @@ def exact_match(prediction: str, targets: tuple[str, ...] | list[str]) -> bool:
     return any(pred == normalize_answer(t) for t in targets)
 
 
-def mc_correct(option_scores: list[Scored], answer: int) -> bool:
-    """True when the gold option has the strictly highest score (ties count wrong)."""
-    gold = option_scores[answer].logprob
-    return all(s.logprob < gold for i, s in enumerate(option_scores) if i != answer)
+def mc_correct(
+    option_scores: list[Scored], answer: int, credits: tuple[float, ...] | list[float] = ()
+) -> bool:
+    """True when every option tied for the highest log-probability is a gold option.
+
+    Gold options are those with the top credit in ``credits`` (BIG-bench's
+    ``target_scores``: "3" and "three" can both be right), else just ``answer``.
+    A tie between a gold and a wrong option counts as wrong.
+    """
+    best = max(s.logprob for s in option_scores)
+    picked = [i for i, s in enumerate(option_scores) if s.logprob == best]
+    if credits:
+        top = max(credits)
+        return all(credits[i] == top for i in picked)
+    return picked == [answer]
 
 
 def per_token_nll(score: Scored) -> float:

@@ -107,7 +107,7 @@ def evaluate_task(
             opts = scores[k : k + len(ex.options)]
             k += len(ex.options)
             assert ex.answer is not None
-            correct.append(mc_correct(opts, ex.answer))
+            correct.append(mc_correct(opts, ex.answer, ex.scores))
             nlls.append(per_token_nll(opts[ex.answer]))
         else:
             nlls.append(per_token_nll(scores[k]))

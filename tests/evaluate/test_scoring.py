@@ -80,6 +80,10 @@ def test_metrics():
     assert not mc_correct(scores, 1)  # tie is not a win
     assert mc_correct([Scored(-3.0, 1), Scored(-1.0, 1)], 1)
     assert not mc_correct([Scored(-3.0, 1), Scored(-1.0, 1)], 0)
+    # several options share the top credit (BIG-bench target_scores): any of them counts
+    three = [Scored(-2.0, 1), Scored(-1.0, 1), Scored(-5.0, 1)]
+    assert mc_correct(three, 0, credits=(1.0, 1.0, 0.0))
+    assert not mc_correct(three, 1, credits=(1.0, 0.0, 1.0))
 
 
 def test_greedy_generate_matches_manual_loop(tiny_model, tiny_tokenizer):
