@@ -51,3 +51,32 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """Session-scoped: tests must not modify it (copy.deepcopy if you need to)."""
     return make_model(len(tiny_tokenizer))
+
+
+# ---- integration (slow) helpers: the real model and real BIG-bench in the user cache
+@pytest.fixture(scope="session")
+def real_home():
+    """The real cache root (``$LORASHELF_HOME`` or ~/.cache/lorashelf), with the
+    embedded SmolLM2 converted through the project's own command."""
+    from lorashelf.cli import default_home, main
+
+    home = default_home()
+    if not (home / "models" / "smollm2-135m" / "config.json").exists():
+        assert main(["--home", str(home), "model", "pull"]) == 0
+    return home
+
+
+@pytest.fixture(scope="session")
+def ensure_bigbench(real_home):
+    """``ensure_bigbench(names)``: pull those BIG-bench tasks into the real cache with
+    ``lorashelf data pull`` unless present."""
+    from lorashelf.cli import main
+
+    def ensure(names: list[str]) -> None:
+        root = real_home / "data" / "bigbench" / "benchmark_tasks"
+        missing = [n for n in names if not (root / n / "task.json").exists()]
+        if missing:
+            argv = ["--home", str(real_home), "data", "pull", "bigbench", "--only", *missing]
+            assert main(argv) == 0
+
+    return ensure
