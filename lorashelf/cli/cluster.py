@@ -115,26 +115,38 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def override(options: dict, changes: dict) -> dict:
+    """``options`` updated by ``changes``; a new ``steps`` clears ``epochs`` and vice versa."""
+    out = {**options, **changes}
+    for key, other in (("steps", "epochs"), ("epochs", "steps")):
+        if changes.get(key) is not None and other not in changes:
+            out[other] = None
+    return out
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import json
 
-    from lorashelf.cluster.build import build_library, make_trainer
+    from lorashelf.cluster.build import build_library, make_trainer, training_from_cards
     from lorashelf.cluster.report import load_clusters
-    from lorashelf.cluster.run import library_base
     from lorashelf.config import from_dict
     from lorashelf.errors import LorashelfError
     from lorashelf.library import Library
     from lorashelf.runtime import resolve_dtype
-    from lorashelf.train import TrainConfig
+    from lorashelf.train.config import TrainConfig
 
-    options = json.loads(args.train_config.read_text()) if args.train_config else {}
-    options.update(parse_overrides(args.overrides))
-    train_cfg = from_dict(TrainConfig, options)
     source = Library.open(args.source)
     cards = {n: dict(source.get(n).card) for n in source.names()}
-    base = args.model or library_base(source, cards)
-    if base is None:
-        raise LorashelfError(f"{args.source} records no base model; pass --model NAME")
+    options = training_from_cards(cards)  # train cluster experts like the private ones
+    if args.train_config:
+        try:
+            options = override(options, json.loads(args.train_config.read_text()))
+        except (OSError, ValueError) as e:
+            raise LorashelfError(
+                f"--train-config {args.train_config}: {e}; pass a JSON object file"
+            ) from None
+    train_cfg = from_dict(TrainConfig, override(options, parse_overrides(args.overrides)))
+    base = args.model or source.base_model
     out = Library.open(args.library, create=True, base_model=base)
     trainer = make_trainer(
         base,

@@ -13,8 +13,10 @@ Training itself is the train area's job; :func:`build_library` takes a ``Trainer
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,7 @@ def cluster_extra(job: ClusterJob, cf: ClusterFile) -> dict[str, Any]:
         "id": job.id,
         "members": list(job.members),
         "config": cf.config,
-        "file": str(cf.path),
+        "file": str(cf.path.resolve()),
         "sha256": cf.sha256,
     }
 
@@ -114,20 +116,35 @@ def build_library(
     check_members(cf, list(source_lib.names()), getattr(source_lib, "path", "the library"))
     jobs = plan_jobs(cf, prefix=prefix)
     todo = pending(jobs, out_lib, cf)
-    work = Path(out_lib.path) / ".build"
     built = []
-    for job in tqdm(todo, desc="building cluster experts", disable=not progress):
-        tmp = work / job.name
-        shutil.rmtree(tmp, ignore_errors=True)  # a partial run's leftovers
-        fields = dict(trainer(job, tmp))
-        extra = dict(fields.pop("extra", None) or {})
-        extra["cluster"] = cluster_extra(job, cf)
-        card = {**fields, "tasks": list(job.tasks), "extra": extra}
-        out_lib.add(tmp, name=job.name, card=card)
-        shutil.rmtree(tmp, ignore_errors=True)
-        built.append(job.name)
-    shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="lorashelf-build-") as work:
+        for job in tqdm(todo, desc="building cluster experts", disable=not progress):
+            tmp = Path(work) / job.name
+            fields = dict(trainer(job, tmp))
+            extra = dict(fields.pop("extra", None) or {})
+            extra["cluster"] = cluster_extra(job, cf)
+            out_lib.add(
+                tmp, name=job.name, card={**fields, "tasks": list(job.tasks), "extra": extra}
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
+            built.append(job.name)
     return built
+
+
+def training_from_cards(cards: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The training options the source experts share (their cards' ``training``), or {}.
+
+    Cluster experts are then trained like the private ones (same rank, init seed, ...).
+    """
+    seen = {json.dumps(c["training"], sort_keys=True) for c in cards.values() if c.get("training")}
+    if len(seen) > 1:
+        first, *rest = (json.loads(s) for s in sorted(seen))
+        diff = sorted(k for r in rest for k in set(first) | set(r) if first.get(k) != r.get(k))
+        raise LorashelfError(
+            f"the source experts were trained with different settings ({', '.join(diff[:4])} "
+            "differ); choose the cluster experts' with --train-config FILE and/or --set KEY=VALUE"
+        )
+    return json.loads(seen.pop()) if seen else {}
 
 
 def make_trainer(
@@ -137,22 +154,23 @@ def make_trainer(
     home: Path,
     device: Any,
     dtype: Any,
+    progress: bool = True,
 ) -> Trainer:
-    """The default Trainer: one joint LoRA training run over all of a cluster's tasks.
+    """The default Trainer: one joint LoRA run (``train_expert``) over a cluster's tasks.
 
-    Uses the train area's ``train_expert(base, tasks, cfg, out_dir=...)``; a fresh base
-    model per cluster, since training wraps the model in LoRA layers.
+    The base model is loaded on first use and reused: ``train_expert`` restores it.
     """
+    loaded: list[Any] = []
 
     def train(job: ClusterJob, out_dir: Path) -> Mapping[str, Any]:
         from lorashelf.data import load_task
         from lorashelf.models import load_base
-        from lorashelf.train import train_expert
+        from lorashelf.train.trainer import train_expert
 
         tasks = [load_task(t, home=home) for t in job.tasks]
-        base = load_base(base_model, home=home, dtype=dtype, device=device)
-        result = train_expert(base, tasks, train_cfg, out_dir=out_dir)
-        card = getattr(result, "card", result)
-        return dict(card or {})
+        if not loaded:
+            loaded.append(load_base(base_model, home=home, dtype=dtype, device=device))
+        result = train_expert(loaded[0], tasks, train_cfg, out_dir=out_dir, progress=progress)
+        return result.card()
 
     return train

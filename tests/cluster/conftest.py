@@ -7,6 +7,7 @@ No model, no training: factors are built directly.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -136,7 +137,7 @@ def fake_library(planted, tmp_path) -> FakeLibrary:
 
 
 @pytest.fixture
-def peft_library(tmp_path, tiny_model):
+def peft_library(tmp_path, tiny_model, tiny_tokenizer):
     """A real Library of 9 PEFT experts of the tiny Llama in 3 planted families.
 
     Experts share LoRA's A initialisation (one init seed); each family adds its own
@@ -149,6 +150,7 @@ def peft_library(tmp_path, tiny_model):
     from lorashelf.library import Library
 
     tiny_model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
     lib = Library.open(tmp_path / "lib", create=True, base_model=str(tmp_path / "base"))
     g = torch.Generator().manual_seed(0)
     fam_dirs: list[dict[str, torch.Tensor]] = [{} for _ in range(3)]
@@ -165,11 +167,15 @@ def peft_library(tmp_path, tiny_model):
                     p.add_(0.1 * d + 0.03 * torch.randn(p.shape, generator=g))
         model.save_pretrained(tmp_path / "adapters" / f"e{i}")
         name = f"expert_{i}"
+        task = tmp_path / "tasks" / f"fam{fam}_{i}.jsonl"
+        task.parent.mkdir(exist_ok=True)
+        rows = [{"input": f"{'abc'[fam]} {i} {j} =", "target": f" {'xyz'[fam]}"} for j in range(12)]
+        task.write_text("".join(json.dumps(r) + "\n" for r in rows))
         lib.add(
             tmp_path / "adapters" / f"e{i}",
             name=name,
             card={
-                "tasks": [f"jsonl:fam{fam}_{i}.jsonl"],
+                "tasks": [f"jsonl:{task}"],
                 "init_seed": 0,
                 "base_model": str(tmp_path / "base"),
             },

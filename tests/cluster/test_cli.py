@@ -83,3 +83,28 @@ def test_cluster_cli_refuses_one_expert_and_mixed_shapes(
     err = capsys.readouterr().err
     assert rc == 2 and "'r2'" in err and "retrain or remove" in err
     assert not out.exists() and not png.exists()
+
+
+def test_build_cli_trains_one_expert_per_cluster_and_resumes(peft_library, tmp_path, capsys):
+    from lorashelf.library import Library
+
+    lib, _ = peft_library
+    clusters, out = tmp_path / "clusters.json", tmp_path / "built"
+    assert main(["cluster", str(lib), "--k", "3", "--out", str(clusters)]) == 0
+    args = ["--device", "cpu", "build", "--from", str(lib), "--clusters", str(clusters),
+            "--library", str(out), "--dtype", "fp32", "--set", "steps=2", "--set", "batch_size=4",
+            "--set", "max_length=32", "--set", "target_modules=[\"q_proj\", \"v_proj\"]"]  # fmt: skip
+    assert main(args) == 0
+    assert "built 3 of 3" in capsys.readouterr().out
+    doc = json.loads(clusters.read_text())
+    built = Library.open(out)
+    assert built.names() == ["cluster_00", "cluster_01", "cluster_02"]
+    for c in doc["clusters"]:
+        card = built.get(f"cluster_{c['id']:02d}").card
+        assert card["tasks"] == c["tasks"] and len(card["tasks"]) == 3
+        assert card["extra"]["cluster"]["members"] == c["experts"]
+        assert card["extra"]["cluster"]["config"] == doc["config"]
+        assert card["training"]["steps"] == 2 and card["init_seed"] == 0
+        assert built.get(f"cluster_{c['id']:02d}").lora_factors()  # a readable LoRA
+    assert main(args) == 0  # resumable: nothing left to do
+    assert "built 0 of 3" in capsys.readouterr().out
