@@ -114,3 +114,19 @@ def test_bad_request_writes_nothing(fake_library, tmp_path):
             home=tmp_path,
         )
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_training_options_default_to_the_source_experts():
+    from lorashelf.cli.cluster import override, parse_overrides
+    from lorashelf.cluster.build import training_from_cards
+
+    t = {"rank": 4, "steps": 200, "epochs": None, "init_seed": 7}
+    assert training_from_cards({"a": {"training": t}, "b": {"training": dict(t)}, "c": {}}) == t
+    assert training_from_cards({"a": {}}) == {}
+    with pytest.raises(LorashelfError, match="rank differ.*--train-config"):
+        training_from_cards({"a": {"training": t}, "b": {"training": {**t, "rank": 8}}})
+    changes = parse_overrides(["epochs=2", "lr=3e-4", "schedule=cosine"])
+    assert changes == {"epochs": 2, "lr": 3e-4, "schedule": "cosine"}
+    assert override(t, changes) == {**t, **changes, "steps": None}
+    with pytest.raises(LorashelfError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
