@@ -80,3 +80,53 @@ def ensure_bigbench(real_home):
             assert main(argv) == 0
 
     return ensure
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The tiny model saved as a local transformers directory (loadable by the CLI)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def random_adapter(
+    base, out_dir, seed: int, *, base_id: str, r: int = 4, targets=("q_proj", "v_proj")
+):
+    """Save a PEFT LoRA with random non-zero A and B (so it changes outputs) to out_dir."""
+    import copy
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(str(out_dir))
+    cfg = out_dir / "adapter_config.json"
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"base_model_name_or_path": base_id}))
+    return out_dir
+
+
+@pytest.fixture
+def tiny_library(tmp_path, tiny_model, tiny_model_dir):
+    """``tiny_library({expert name: [task ids]})`` -> a Library of random experts on the
+    tiny model (base = tiny_model_dir)."""
+    from lorashelf.library import Library
+
+    def make(experts: dict[str, list[str]], seed: int = 0):
+        lib = Library.open(tmp_path / "lib", create=True, base_model=str(tiny_model_dir))
+        for i, (name, tasks) in enumerate(experts.items()):
+            src = random_adapter(
+                tiny_model, tmp_path / f"src-{name}", seed + i, base_id=str(tiny_model_dir)
+            )
+            lib.add(src, name=name, card={"tasks": tasks, "source": "train"})
+        return lib
+
+    return make

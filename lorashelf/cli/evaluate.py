@@ -1,4 +1,4 @@
-"""``lorashelf eval``: score a model (or a library method) on tasks; table + JSON."""
+"""``lorashelf eval``: score a model, or a library reuse method, on tasks; table + JSON."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on tasks (accuracy, gold NLL)")
+    p = sub.add_parser("eval", help="evaluate a model or a library method on tasks")
     p.add_argument(
         "--model",
         default=None,
-        help="known model, local dir, .gguf or hub id (default: smollm2-135m, or the library's base)",
+        help="known model, local dir, .gguf or hub id (default: the library's base, else smollm2-135m)",
     )
     p.add_argument(
         "--tasks",
@@ -29,38 +29,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     p.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    lib = p.add_argument_group("library methods")
+    lib.add_argument("--library", type=Path, default=None, help="library directory")
+    lib.add_argument(
+        "--method",
+        default=None,
+        help="comma-separated: base, expert:NAME, oracle, uniform, uniform-delta, ties, arrow, phatgoose (default: base, or expert:NAME with --expert)",
+    )
+    lib.add_argument("--expert", default=None, help="evaluate the base model plus this one expert")
+    lib.add_argument(
+        "--experts", default=None, help="comma-separated subset of the library's experts"
+    )
+    lib.add_argument("--top-k", type=int, default=4, help="arrow/phatgoose: experts per token")
+    lib.add_argument(
+        "--temperature", type=float, default=1.0, help="arrow: routing softmax temperature"
+    )
+    lib.add_argument("--mix", default="output", help="arrow: output or params mixing")
+    lib.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
+    lib.add_argument(
+        "--oracle-map",
+        default=None,
+        help="oracle: TASK=TRAIN_TASK,... (default: each task's own expert)",
+    )
+    lib.add_argument(
+        "--routing-report",
+        type=Path,
+        default=None,
+        help="routers: write per-task routing weights (JSON + heatmap PNG)",
+    )
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorashelf.config import write_json_atomic
-    from lorashelf.data import load_task
     from lorashelf.errors import LorashelfError
-    from lorashelf.evaluate.runner import EvalConfig, evaluate
-    from lorashelf.evaluate.table import print_results
-    from lorashelf.models import DEFAULT_MODEL, load_base
-    from lorashelf.runtime import resolve_dtype
+    from lorashelf.evaluate.session import EvalRequest, run_eval
 
     task_ids = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not task_ids:
         raise LorashelfError("--tasks is empty; pass e.g. --tasks bigbench:sports_understanding")
-    tasks = [load_task(t, home=args.home, max_examples=args.max_examples) for t in task_ids]
-    dtype = resolve_dtype(args.dtype, args.device)
-    base = load_base(args.model or DEFAULT_MODEL, home=args.home, dtype=dtype, device=args.device)
-    cfg = EvalConfig(
-        split=args.split,
-        limit=args.limit,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        chat=args.chat,
-    )
-    result = evaluate(base.model, base.tokenizer, tasks, cfg, method="base")
-    result.meta.update(
-        {"model": base.name, "base_id": base.base_id, "dtype": str(dtype).removeprefix("torch.")}
-    )
-    print_results([result], title=f"{base.name} on {len(tasks)} task(s), split {args.split}")
-    if args.json:
-        write_json_atomic(args.json, result.to_json())
-        print(f"wrote {args.json}")
+    if args.expert and args.method:
+        raise LorashelfError("pass either --expert NAME or --method ..., not both")
+    methods = [f"expert:{args.expert}"] if args.expert else (args.method or "base").split(",")
+    oracle = dict(kv.split("=", 1) for kv in args.oracle_map.split(",")) if args.oracle_map else {}
+    req = EvalRequest(
+        tasks=tuple(task_ids), methods=tuple(m.strip() for m in methods if m.strip()),
+        model=args.model, library=args.library, dtype=args.dtype, split=args.split,
+        limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+        max_length=args.max_length, max_examples=args.max_examples, chat=args.chat,
+        experts=tuple(args.experts.split(",")) if args.experts else None, top_k=args.top_k,
+        temperature=args.temperature, mix=args.mix, density=args.density, oracle=oracle,
+        json_out=args.json, routing_report=args.routing_report,
+    )  # fmt: skip
+    run_eval(req, home=args.home, device=args.device)
     return 0

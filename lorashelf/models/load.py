@@ -105,16 +105,33 @@ def pull(name: str, home: Path) -> Path:
 
 
 def _known(name: str) -> KnownModel:
-    for km in KNOWN.values():
-        if name == km.name or name in km.aliases:
-            return km
+    km = _match_known(name)
+    if km is not None:
+        return km
     raise LorashelfError(
         f"unknown model {name!r}{did_you_mean(name, KNOWN)}; known: {', '.join(KNOWN)}"
     )
 
 
+def _match_known(name: str) -> KnownModel | None:
+    for km in KNOWN.values():
+        if name in (km.name, km.hub_id, *km.aliases):
+            return km
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def resolve_path(name: str, home: Path) -> tuple[str, str, str | None]:
-    """Return (path or hub id, canonical base id, gguf file name or None)."""
+    """Return (path or hub id, canonical base id, gguf file name or None).
+
+    A known model's hub id (e.g. a library's recorded base) loads from the local
+    Hugging Face cache when it is there, else from the embedded GGUF conversion.
+    """
     p = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not p.exists():
@@ -128,18 +145,16 @@ def resolve_path(name: str, home: Path) -> tuple[str, str, str | None]:
         src = p / "lorashelf_source.json"
         base_id = json.loads(src.read_text())["base_id"] if src.exists() else canonical_id(name)
         return str(p), base_id, None
-    if any(name == km.name or name in km.aliases for km in KNOWN.values()) and not (
-        "/" in name and not name.startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
-    ):
-        if name in ("HuggingFaceTB/SmolLM2-135M-Instruct",):
-            # a hub id: prefer the local cache of the hub; fall back to the embedded GGUF
-            return name, canonical_id(name), None
-        return str(pull(name, home)), canonical_id(name), None
-    if "/" in name and not name.startswith((".", "/")):
-        return name, canonical_id(name), None  # hub id, resolved by transformers
+    km = _match_known(name)
+    if km is not None:
+        if name == km.hub_id and _in_hub_cache(name):
+            return name, km.hub_id, None
+        return str(pull(km.name, home)), km.hub_id, None
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name, canonical_id(name), None  # a hub id, resolved by transformers
     raise LorashelfError(
-        f"model {name!r} is neither a known model{did_you_mean(name, KNOWN)}, a local directory, "
-        f"a .gguf file nor a hub id (org/name); known models: {', '.join(KNOWN)}"
+        f"model {name!r} is neither a known model{did_you_mean(name, KNOWN)}, a local "
+        f"directory, a .gguf file nor a hub id (org/name); known models: {', '.join(KNOWN)}"
     )
 
 

@@ -1,0 +1,142 @@
+"""Every reuse method builds, evaluates and restores the base model; numeric checks of
+the single-expert and oracle paths against PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorashelf.cli import main
+from lorashelf.data.task import Example, Task
+from lorashelf.evaluate.methods import METHODS, MethodOptions, prepare
+from lorashelf.evaluate.runner import EvalConfig, evaluate
+
+EXPERTS = {"alpha": ["t:alpha"], "beta": ["t:beta"], "gamma": ["t:gamma"]}
+
+
+def toy_task(tid: str) -> Task:
+    exs = tuple(
+        Example(
+            prompt=f"Q: item {i} of {tid}?\nA:", target=" yes", options=(" yes", " no"), answer=0
+        )
+        for i in range(6)
+    )
+    return Task(id=tid, examples=exs, kind="mc")
+
+
+def logits(model, tok):
+    ids = tok(["Q: item 1?\nA: yes"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    "method", [m if m != "expert" else "expert:beta" for m in METHODS.names() if m != "phatgoose"]
+)
+def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer):
+    import copy
+
+    lib = tiny_library(EXPERTS)
+    model = copy.deepcopy(tiny_model)
+    before = logits(model, tiny_tokenizer)
+    opts = MethodOptions(top_k=2, oracle={"t:new": "t:gamma"})
+    prepared = prepare(method, model, lib, opts)
+    try:
+        during = logits(model, tiny_tokenizer)
+        cfg = EvalConfig(split="all", batch_size=4)
+        res = evaluate(model, tiny_tokenizer, [toy_task("t:new")], cfg, method=method,
+                       on_task=prepared.on_task, show_progress=False)  # fmt: skip
+    finally:
+        prepared.close()
+    assert res.tasks["t:new"].n == 6
+    if method not in ("base", "oracle"):  # the oracle picks its expert per task
+        assert not torch.allclose(before, during), f"{method} did not change the model"
+    assert torch.equal(before, logits(model, tiny_tokenizer)), f"{method} did not restore the base"
+
+
+def test_expert_equals_peft_from_pretrained(tiny_library, tiny_model, tiny_tokenizer):
+    import copy
+
+    from peft import PeftModel
+
+    lib = tiny_library(EXPERTS)
+    model = copy.deepcopy(tiny_model)
+    prepared = prepare("expert:beta", model, lib, MethodOptions())
+    ours = logits(model, tiny_tokenizer)
+    prepared.close()
+    peft = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(lib.get("beta").path))
+    assert torch.allclose(ours, logits(peft, tiny_tokenizer), atol=1e-5)
+
+
+def test_oracle_switches_expert_per_task(tiny_library, tiny_model, tiny_tokenizer):
+    import copy
+
+    from lorashelf.evaluate.methods import oracle_expert
+
+    lib = tiny_library(EXPERTS)
+    names = lib.names()
+    assert oracle_expert(lib, names, "t:beta", {}) == "beta"
+    assert oracle_expert(lib, names, "t:new", {"t:new": "t:alpha"}) == "alpha"
+    from lorashelf.errors import LorashelfError
+
+    with pytest.raises(LorashelfError, match="--oracle-map"):
+        oracle_expert(lib, names, "t:unknown", {})
+    # the oracle's score on a task equals that expert's score
+    model = copy.deepcopy(tiny_model)
+    cfg = EvalConfig(split="all")
+    prep = prepare("oracle", model, lib, MethodOptions())
+    r_oracle = evaluate(
+        model, tiny_tokenizer, [toy_task("t:gamma")], cfg, on_task=prep.on_task, show_progress=False
+    )
+    prep.close()
+    prep = prepare("expert:gamma", model, lib, MethodOptions())
+    r_expert = evaluate(model, tiny_tokenizer, [toy_task("t:gamma")], cfg, show_progress=False)
+    prep.close()
+    assert r_oracle.tasks["t:gamma"].nll == pytest.approx(r_expert.tasks["t:gamma"].nll, abs=1e-5)
+
+
+def test_cli_eval_library_methods_and_routing_report(
+    tiny_library, tiny_model_dir, tmp_path, capsys
+):
+    lib = tiny_library(EXPERTS)
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(
+        "".join(
+            json.dumps({"input": f"Q{i}:", "options": [" a", " b"], "answer": i % 2}) + "\n"
+            for i in range(8)
+        )
+    )
+    out = tmp_path / "res.json"
+    report = tmp_path / "routing.json"
+    argv = ["--home", str(tmp_path), "eval", "--library", str(lib.path), "--dtype", "fp32",
+            "--tasks", f"jsonl:{jl}", "--split", "all", "--method", "base,arrow,uniform",
+            "--top-k", "2", "--json", str(out), "--routing-report", str(report)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [m["method"] for m in data["methods"]] == ["base", "arrow", "uniform"]
+    rep = json.loads(report.read_text())
+    assert report.with_suffix(".png").stat().st_size > 1000
+    weights = next(iter(rep["tasks"].values()))["overall"]
+    assert len(weights) == 3 and sum(weights) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_eval_errors(tiny_library, tmp_path, capsys):
+    lib = tiny_library(EXPERTS)
+    base = [
+        "--home",
+        str(tmp_path),
+        "eval",
+        "--library",
+        str(lib.path),
+        "--tasks",
+        "jsonl:/nope.jsonl",
+    ]
+    assert main(base + ["--method", "arow"]) == 2
+    assert (
+        main(base[:-2] + ["--tasks", "bigbench:x", "--method", "arrow", "--experts", "alpha,zeta"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "did you mean" in err
