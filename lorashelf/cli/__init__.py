@@ -27,6 +27,8 @@ VERB_MODULES = (
     "train",
     "library",
     "cluster",
+    "merge",
+    "gates",
     "compose",
     "evaluate",
     "demo",
