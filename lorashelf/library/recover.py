@@ -1,0 +1,199 @@
+"""Check a library and bring it back to a consistent state after a crash.
+
+The expert directories are the truth. A writer killed mid-add leaves at most a staging
+dir in ``.tmp`` (deleted once no live writer holds its lock), or a complete expert dir
+with no index row (indexed from its card). A writer killed mid-overwrite may have moved
+the old expert to ``.tmp/replaced--<name>--<id>`` without moving the new one in: the
+old one is put back. A writer killed mid-remove leaves an index row without a dir,
+which is dropped. Rows whose dir's inode changed are re-read from disk. Callers hold
+the index's write lock, so no live writer is between its two renames meanwhile.
+:func:`find_problems` is ``Library.verify``: every checksum, every dir, every row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorashelf.errors import LorashelfError
+from lorashelf.library.adapter import modules_from_header
+from lorashelf.library.expert import Expert, Problem
+from lorashelf.library.factors import WEIGHTS_FILE
+from lorashelf.library.fsutil import remove_if_dead, remove_tree
+from lorashelf.library.index import Index, expert_row
+from lorashelf.library.schema import CARD_FILE
+
+log = logging.getLogger("lorashelf.library")
+
+EXPERTS = "experts"
+TMP = ".tmp"
+REPLACED = "replaced--"
+REMOVED = "removed--"
+
+
+@dataclass
+class Repair:
+    """What a reconciliation changed in the index."""
+
+    added: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # dir name -> why it is no expert
+    restored: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.dropped or self.refreshed or self.skipped or self.restored)
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(v)} {k}"
+            for k, v in (
+                ("indexed", self.added),
+                ("dropped", self.dropped),
+                ("re-read", self.refreshed),
+                ("restored", self.restored),
+                ("skipped", self.skipped),
+            )
+            if v
+        ]
+        return ", ".join(parts)
+
+
+def disk_experts(root: Path) -> dict[str, int]:
+    """``{dir name: inode}`` of the expert dirs (one scandir, no stat on Linux)."""
+    try:
+        entries = list(os.scandir(root / EXPERTS))
+    except FileNotFoundError:
+        return {}
+    return {
+        e.name: e.inode()
+        for e in entries
+        if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+    }
+
+
+def tmp_entries(root: Path) -> list[Path]:
+    try:
+        return sorted((root / TMP).iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def needs_repair(root: Path, index: Index) -> bool:
+    """A cheap check (no lock, no card read) for leftovers or an index/disk mismatch."""
+    return bool(tmp_entries(root)) or disk_experts(root) != index.inodes()
+
+
+def row_from_disk(root: Path, name: str, inode: int | None) -> dict[str, Any]:
+    """The index row of the expert dir ``experts/<name>``, read from its card and header."""
+    path = root / EXPERTS / name
+    try:
+        card = json.loads((path / CARD_FILE).read_text())
+    except FileNotFoundError:
+        raise LorashelfError(f"{path} has no {CARD_FILE}; it is not a lorashelf expert") from None
+    except ValueError as e:
+        raise LorashelfError(f"{path / CARD_FILE} is unreadable ({e})") from None
+    if not isinstance(card, dict) or card.get("name") != name:
+        raise LorashelfError(f"{path / CARD_FILE} names another expert ({card.get('name')!r})")
+    modules = modules_from_header(path / WEIGHTS_FILE, f"expert {name!r}")
+    return expert_row(card, modules, inode)
+
+
+def clean_tmp(root: Path, repair: Repair) -> None:
+    """Delete dead writers' leftovers in ``.tmp``; put back an expert a crash displaced."""
+    for entry in tmp_entries(root):
+        if entry.name.startswith(REPLACED):
+            name = entry.name[len(REPLACED) :].rsplit("--", 1)[0]
+            dest = root / EXPERTS / name
+            if not dest.exists() and (entry / CARD_FILE).is_file():
+                os.rename(entry, dest)
+                repair.restored.append(name)
+                continue
+            remove_tree(entry)
+        elif entry.name.startswith(REMOVED):
+            remove_tree(entry)
+        else:
+            remove_if_dead(entry)
+
+
+def reconcile(root: Path, index: Index, repair: Repair) -> None:
+    """Make the index rows match the expert dirs (by name and inode)."""
+    disk = disk_experts(root)
+    rows = index.inodes()
+    for name in sorted(rows.keys() - disk.keys()):
+        index.delete(name)
+        repair.dropped.append(name)
+    for name, inode in sorted(disk.items()):
+        if name in rows and rows[name] == inode:
+            continue
+        try:
+            row = row_from_disk(root, name, inode)
+        except (LorashelfError, OSError, ValueError, KeyError) as e:
+            repair.skipped[name] = str(e)
+            if name in rows:
+                index.delete(name)
+            continue
+        index.upsert(row)
+        (repair.refreshed if name in rows else repair.added).append(name)
+
+
+def repair_library(root: Path, index: Index, *, clean: bool = True) -> Repair:
+    """Clean ``.tmp`` (when ``clean``) and reconcile, holding the write lock; log changes."""
+    repair = Repair()
+    with index.write():
+        if clean:
+            clean_tmp(root, repair)
+        reconcile(root, index, repair)
+    if repair:
+        log.warning(
+            "library %s: index reconciled with the expert dirs (%s)", root, repair.summary()
+        )
+        for name, why in sorted(repair.skipped.items()):
+            log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+    return repair
+
+
+def rebuild(root: Path, index: Index) -> None:
+    """Drop every index row and re-read all expert dirs."""
+    repair = Repair()
+    with index.write():
+        clean_tmp(root, repair)
+        index.clear()
+        reconcile(root, index, repair)
+    for name, why in sorted(repair.skipped.items()):
+        log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+
+
+def find_problems(
+    root: Path, index: Index, base_model: str, *, progress: bool = False
+) -> list[Problem]:
+    """Corrupt or missing files, invalid expert dirs and index/disk mismatches."""
+    problems = []
+    if index.path is not None and (qc := index.quick_check()) != "ok":
+        problems.append(Problem("index", None, f"{index.path.name}: {qc}; delete it to rebuild"))
+    disk = disk_experts(root)
+    rows = index.inodes()
+    for name in sorted(disk.keys() - rows.keys()):
+        try:
+            row_from_disk(root, name, disk[name])
+            why = "has no index row; reopen the library to index it"
+        except (LorashelfError, OSError, ValueError, KeyError) as e:
+            why = f"is not a valid expert ({e}); remove experts/{name}"
+        problems.append(Problem("invalid", name, why))
+    for name in sorted(rows.keys() - disk.keys()):
+        problems.append(Problem("missing", name, f"is indexed but experts/{name} is missing"))
+    experts = [Expert(root, r) for r in index.select() if r["name"] in disk]
+    if progress:
+        from tqdm import tqdm
+
+        experts = tqdm(experts, desc="verify", unit="expert")
+    for expert in experts:
+        problems.extend(expert.verify())
+        if str(expert.card.get("base_model", "")).lower() != base_model.lower():
+            msg = f"card base_model {expert.card.get('base_model')!r} is not {base_model!r}"
+            problems.append(Problem("invalid", expert.name, msg))
+    return problems

@@ -1,0 +1,391 @@
+"""The library store: LoRA experts as PEFT dirs on disk, indexed in SQLite, written atomically.
+
+Layout (readable without lorashelf)::
+
+    DIR/library.json          format version, base model, target modules, rank policy
+    DIR/experts/<name>/       adapter_config.json + adapter_model.safetensors + card.json
+    DIR/index.sqlite          one row per expert (a rebuildable cache of the cards)
+    DIR/.tmp/                 staging; leftovers of dead writers are cleaned on open
+
+An add checks the adapter (nothing is written if it fails), stages its files in
+``.tmp/<id>`` (fsynced), then, holding the index's write lock, moves the dir into
+``experts/<name>`` with one ``os.rename`` and commits the index row last. A crash at
+any point leaves the old state or the new one; :mod:`lorashelf.library.recover` puts
+the index back in line on the next open. Reading is lazy: opening a library of 10,000
+experts reads one SQLite file and lists one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lorashelf.config import write_json_atomic
+from lorashelf.errors import LorashelfError, did_you_mean
+from lorashelf.library import recover
+from lorashelf.library.adapter import Adapter, apply_policy, check_base, read_adapter
+from lorashelf.library.expert import Expert, Problem
+from lorashelf.library.fsutil import fsync_dir, make_staging_dir, remove_tree, unlock_dir
+from lorashelf.library.fsutil import write_new_file as _write
+from lorashelf.library.index import Index, expert_row
+from lorashelf.library.names import check_name, safe_name
+from lorashelf.library.recover import EXPERTS, REMOVED, REPLACED, TMP
+from lorashelf.library.schema import (
+    CARD_FIELDS,
+    CARD_FILE,
+    LIBRARY_FILE,
+    check_caller_card,
+    current_versions,
+    make_card,
+    new_library_meta,
+    read_library_meta,
+    sha256_hex,
+    utc_now,
+)
+
+log = logging.getLogger("lorashelf.library")
+INDEX_FILE = "index.sqlite"
+
+
+class Library:
+    """A directory of LoRA experts for one base model. Make one with :meth:`open`."""
+
+    def __init__(self, root: Path, meta: dict[str, Any], index: Index, *, fsync: bool) -> None:
+        self.path = root
+        self.meta = meta
+        self._index = index
+        self._fsync = fsync
+        self._writable = index.path is not None
+        self._versions: dict[str, str | None] | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        create: bool = False,
+        base_model: str | None = None,
+        target_modules: list[str] | None = None,
+        *,
+        rank: int | None = None,
+        allow_mixed: bool = False,
+        fsync: bool = True,
+    ) -> Library:
+        """Open the library at ``path`` (``create=True`` makes it, given ``base_model``).
+
+        ``base_model``/``target_modules`` given for an existing library must match it.
+        ``fsync=False`` skips fsync calls (faster bulk writes, not power-cut safe).
+        """
+        root = Path(path)
+        if create and not (root / LIBRARY_FILE).exists():
+            _create(root, base_model, target_modules, rank, allow_mixed)
+        meta = read_library_meta(root)
+        _check_matches(root, meta, base_model, target_modules)
+        lib = cls(root, meta, _open_index(root), fsync=fsync)
+        lib._repair_if_needed()
+        return lib
+
+    def _repair_if_needed(self) -> None:
+        if recover.needs_repair(self.path, self._index):
+            recover.repair_library(self.path, self._index, clean=self._writable)
+
+    def close(self) -> None:
+        self._index.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Library({str(self.path)!r}, base={self.base_model!r}, experts={len(self)})"
+
+    @property
+    def base_model(self) -> str:
+        """The canonical id of the base model every expert was trained on."""
+        return self.meta["base_model"]
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        return self.meta.get("target_modules")
+
+    @property
+    def rank(self) -> int | None:
+        return self.meta["rank_policy"].get("rank")
+
+    @property
+    def allow_mixed(self) -> bool:
+        return bool(self.meta["rank_policy"].get("allow_mixed"))
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return self._index.count()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._index.row(name) is not None
+
+    def __iter__(self) -> Iterator[Expert]:
+        return iter(self.filter())
+
+    def names(self) -> list[str]:
+        return self._index.names()
+
+    def get(self, name: str) -> Expert:
+        row = self._index.row(name)
+        if row is None:
+            raise LorashelfError(
+                f"no expert {name!r} in {self.path}{did_you_mean(name, self.names())}; "
+                f"`lorashelf library ls {self.path}` lists them"
+            )
+        return Expert(self.path, row)
+
+    def filter(
+        self, task: str | None = None, source: str | None = None, **card_fields: Any
+    ) -> list[Expert]:
+        """Experts trained on ``task``, from ``source``, whose card fields equal these."""
+        for key in card_fields:
+            if key not in CARD_FIELDS:
+                raise LorashelfError(
+                    f"unknown card field {key!r}{did_you_mean(key, CARD_FIELDS)}; "
+                    f"filter on one of: {', '.join(CARD_FIELDS)}"
+                )
+        rows = self._index.select(task=task, source=source, card_fields=card_fields)
+        return [Expert(self.path, r) for r in rows]
+
+    # ------------------------------------------------------------------ writing
+    def add(
+        self,
+        src: str | os.PathLike[str],
+        name: str | None = None,
+        card: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        allow_mixed: bool = False,
+    ) -> Expert:
+        """Copy the PEFT adapter dir ``src`` into the library as expert ``name``.
+
+        ``card`` fields (tasks, training, losses, source, ...) go into the card; the
+        library fills base_model, files, versions (unless given) and created. Raises
+        before writing anything if the adapter is not a plain, finite LoRA for this
+        base model with the library's target modules and rank (unless ``allow_mixed``).
+        """
+        self._require_writable()
+        caller = check_caller_card(card or {})
+        name = _pick_name(Path(src), name, caller)
+        what = f"adapter {name!r}"
+        adapter = read_adapter(Path(src), what)
+        claimed = caller.get("base_model_exact") or caller.get("base_model")
+        base_exact = check_base(adapter.base_model_exact, claimed, self.base_model, what)
+        apply_policy(self.meta, adapter, what, allow_mixed)  # fail before staging anything
+        if self._versions is None:
+            self._versions = current_versions()
+        files = {fn: sha256_hex(data) for fn, data in adapter.files.items()}
+        full = make_card(
+            caller, name=name, base_model=self.base_model, base_model_exact=base_exact,
+            files=files, versions=self._versions,
+        )  # fmt: skip
+        (self.path / TMP).mkdir(exist_ok=True)
+        staged, lock_fd = make_staging_dir(self.path / TMP)
+        try:
+            for fn, data in adapter.files.items():
+                _write(staged / fn, data, fsync=self._fsync)
+            card_bytes = (json.dumps(full, indent=2) + "\n").encode()
+            _write(staged / CARD_FILE, card_bytes, fsync=self._fsync)
+            if self._fsync:
+                fsync_dir(staged)
+            with self._index.write():
+                old = self._commit_add(staged, full, adapter, overwrite, allow_mixed)
+        finally:
+            unlock_dir(lock_fd)
+            if staged.exists():
+                remove_tree(staged)
+        if self._fsync:  # outside the lock: a crash before this is reconciled on open
+            fsync_dir(self.path / EXPERTS)
+            fsync_dir(self.path / TMP)
+        if old is not None:
+            remove_tree(old)
+        return self.get(name)
+
+    def _commit_add(
+        self,
+        staged: Path,
+        card: dict[str, Any],
+        adapter: Adapter,
+        overwrite: bool,
+        allow_mixed: bool,
+    ) -> Path | None:
+        """Under the write lock: policy, name clash, rename into place, index row."""
+        name = card["name"]
+        meta = read_library_meta(self.path)  # another process may have changed the policy
+        new_meta = apply_policy(meta, adapter, f"adapter {name!r}", allow_mixed)
+        dest = self.path / EXPERTS / name
+        clash = self._index.same_name_any_case(name)
+        if clash is not None and clash != name:
+            raise LorashelfError(
+                f"expert name {name!r} differs only in case from the existing {clash!r}, "
+                "which clashes on case-insensitive filesystems; pick another name"
+            )
+        if (clash is not None or dest.exists()) and not overwrite:
+            raise LorashelfError(
+                f"an expert named {name!r} already exists in {self.path}; pick another name "
+                "or pass overwrite=True (--overwrite) to replace it"
+            )
+        if new_meta != meta:  # before the expert lands, so no expert ever breaks the policy
+            write_json_atomic(self.path / LIBRARY_FILE, new_meta)
+        self.meta = new_meta
+        old = None
+        if dest.exists():
+            old = self.path / TMP / f"{REPLACED}{name}--{staged.name}"
+            os.rename(dest, old)
+        try:
+            os.rename(staged, dest)
+            self._index.upsert(expert_row(card, adapter.modules, dest.stat().st_ino))
+        except BaseException:
+            if dest.exists() and not staged.exists():
+                os.rename(dest, staged)
+            if old is not None:
+                os.rename(old, dest)
+            raise
+        return old
+
+    def remove(self, name: str) -> None:
+        """Delete expert ``name``: its dir leaves ``experts/`` in one rename, then its row.
+
+        The rename is the commit point: a crash after it leaves a row without a dir,
+        which the next open drops (the expert is gone, as asked).
+        """
+        self._require_writable()
+        trash = None
+        with self._index.write():
+            if self._index.row(name) is None:
+                self.get(name)  # raises with suggestions
+            dest = self.path / EXPERTS / name
+            if dest.exists():
+                trash = self.path / TMP / f"{REMOVED}{name}--{os.urandom(8).hex()}"
+                (self.path / TMP).mkdir(exist_ok=True)
+                os.rename(dest, trash)
+                if self._fsync:
+                    fsync_dir(dest.parent)
+            try:
+                self._index.delete(name)
+            except BaseException:
+                if trash is not None:
+                    os.rename(trash, dest)
+                raise
+        if trash is not None:
+            remove_tree(trash)
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise LorashelfError(f"library {self.path} is read-only here; copy it to change it")
+
+    # ------------------------------------------------------------------ checking
+    def verify(self, progress: bool = False) -> list[Problem]:
+        """Every problem found: corrupt or missing files, index/disk mismatches."""
+        self._repair_if_needed()
+        return recover.find_problems(self.path, self._index, self.base_model, progress=progress)
+
+    def rebuild_index(self) -> int:
+        """Rebuild the index from the expert dirs; returns the number of experts."""
+        self._require_writable()
+        recover.rebuild(self.path, self._index)
+        return len(self)
+
+
+def _pick_name(src: Path, name: str | None, caller: Mapping[str, Any]) -> str:
+    card_name = caller.get("name")
+    if name and card_name and name != card_name:
+        raise LorashelfError(f"name {name!r} and card name {card_name!r} differ; give one")
+    name = name or card_name
+    if not name:
+        tasks = caller.get("tasks") or []
+        name = safe_name(tasks[0] if len(tasks) == 1 else src.resolve().name)
+    return check_name(name)
+
+
+def _create(
+    root: Path,
+    base_model: str | None,
+    target_modules: list[str] | None,
+    rank: int | None,
+    allow_mixed: bool,
+) -> None:
+    from lorashelf.models import canonical_id
+
+    if not base_model:
+        raise LorashelfError(
+            f"creating a library at {root} needs its base model: pass base_model= "
+            "(`lorashelf library init DIR --base MODEL`)"
+        )
+    (root / EXPERTS).mkdir(parents=True, exist_ok=True)
+    (root / TMP).mkdir(exist_ok=True)
+    meta = new_library_meta(
+        canonical_id(base_model), target_modules=target_modules, rank=rank, allow_mixed=allow_mixed
+    )
+    tmp = root / f".{LIBRARY_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
+    write_json_atomic(tmp, meta)
+    try:
+        os.link(tmp, root / LIBRARY_FILE)  # fails if another process created it first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    fsync_dir(root)
+
+
+def _check_matches(
+    root: Path, meta: Mapping[str, Any], base_model: str | None, target_modules: list[str] | None
+) -> None:
+    if base_model is not None:
+        from lorashelf.models import same_base
+
+        if not same_base(base_model, meta["base_model"]):
+            raise LorashelfError(
+                f"library {root} is for base model {meta['base_model']!r}, not {base_model!r}; "
+                "use another directory for that base"
+            )
+    have = meta.get("target_modules")
+    if target_modules and have and sorted(target_modules) != have:
+        raise LorashelfError(
+            f"library {root} targets {','.join(have)}, not {','.join(sorted(target_modules))}"
+        )
+
+
+def _open_index(root: Path) -> Index:
+    """The file index (created, or rebuilt if unreadable), or an in-memory one if read-only."""
+    if not os.access(root, os.W_OK) or not os.access(root / EXPERTS, os.W_OK):
+        index = Index(None)
+        index.conn  # noqa: B018 - connect now
+        return index
+    path = root / INDEX_FILE
+    existed = path.exists()
+    index = Index(path)
+    try:
+        index.conn  # noqa: B018 - connect now, so corruption shows here
+    except sqlite3.DatabaseError as e:
+        index.close()
+        aside = path.with_name(f"{INDEX_FILE}.corrupt-{utc_now().replace(':', '')}")
+        os.replace(path, aside)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        log.warning(
+            "library %s: %s was unreadable (%s); moved to %s, rebuilding",
+            root,
+            INDEX_FILE,
+            e,
+            aside.name,
+        )  # noqa: E501
+        index = Index(path)
+        index.conn  # noqa: B018
+    else:
+        if not existed and recover.disk_experts(root):
+            log.warning(
+                "library %s: %s was missing; rebuilding it from the expert dirs", root, INDEX_FILE
+            )  # noqa: E501
+    return index

@@ -1,0 +1,114 @@
+"""``lorashelf library ...`` end to end: each verb, what it wrote, and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorashelf.cli import main
+from lorashelf.library import Library
+
+HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main(["--home", str(tmp_path / "home"), "library", *map(str, argv)])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def test_every_verb(tmp_path, run, make_adapter):
+    lib = tmp_path / "lib"
+    rc, out, _ = run("init", lib, "--base", "smollm2-135m")
+    assert rc == 0 and "created" in out
+    assert json.loads((lib / "library.json").read_text())["base_model"] == HUB_BASE
+    assert run("init", lib, "--base", HUB_BASE)[1].count("already exists") == 1
+
+    src = make_adapter("cli", seed=7)
+    rc, out, _ = run("import", lib, src, "--name", "logic", "--task", "bigbench:logic")
+    assert rc == 0 and "imported logic (rank 4, q_proj,v_proj)" in out
+    expert = Library.open(lib).get("logic")
+    assert expert.tasks == ["bigbench:logic"] and expert.card["source"] == "import"
+    assert (
+        expert.read_file("adapter_model.safetensors")
+        == (src / "adapter_model.safetensors").read_bytes()
+    )
+    run("import", lib, make_adapter("cli", seed=8), "--name", "other")
+
+    rc, out, _ = run("ls", lib)
+    assert rc == 0 and "logic" in out and "bigbench:logic" in out and "other" in out
+    rc, out, _ = run("ls", lib, "--json", "--task", "bigbench:logic")
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["logic"]
+    assert rows[0] | {"created": ""} == {
+        "name": "logic", "tasks": "bigbench:logic", "rank": "4", "modules": "q_proj,v_proj",
+        "source": "import", "created": "",
+    }  # fmt: skip
+
+    rc, out, _ = run("show", lib, "logic", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["name"] == "logic" and doc["adapter_config"]["r"] == 4
+    assert doc["files"] == expert.files
+    rc, out, _ = run("show", lib, "logic")
+    assert rc == 0 and "base_model_exact" in out
+
+    rc, out, _ = run("export", lib, "logic", tmp_path / "out")
+    assert (
+        rc == 0
+        and (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+        == (src / "adapter_model.safetensors").read_bytes()
+    )
+
+    rc, out, _ = run("verify", lib)
+    assert rc == 0 and "ok: 2 experts" in out
+
+    rc, out, _ = run("rm", lib, "other")
+    assert rc == 0 and Library.open(lib).names() == ["logic"]
+
+    weights = lib / "experts" / "logic" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    rc, out, err = run("verify", lib)
+    assert rc == 2 and "problem (corrupt)" in out and "adapter_model.safetensors" in out
+
+
+def test_bad_input_exits_2(tmp_path, run, make_adapter, edit_config):
+    lib = tmp_path / "lib"
+    assert run("ls", lib)[0] == 2  # no library yet
+    run("init", lib, "--base", "smollm2-135m")
+    rc, _, err = run("import", lib, make_adapter("o", base="gpt2"))
+    assert rc == 2 and "trained on 'gpt2'" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert Library.open(lib).names() == []
+    assert run("show", lib, "nope")[0] == 2
+    assert run("rm", lib, "nope")[0] == 2
+    assert run("export", lib, "nope", tmp_path / "o")[0] == 2
+    assert run("init", lib, "--base", "gpt2")[0] == 2
+    assert run("import", lib, tmp_path / "missing")[0] == 2
+    with pytest.raises(SystemExit) as e:
+        run("init", tmp_path / "x")  # --base is required
+    assert e.value.code == 2
+
+
+def test_ls_path_imports_no_torch(tmp_path, make_adapter):
+    """The handler behind `lorashelf library ls` never imports torch or transformers."""
+    lib = Library.open(tmp_path / "lib", create=True, base_model=HUB_BASE)
+    lib.add(make_adapter("a"), "a", {"tasks": ["t"]})
+    code = (
+        "import sys\n"
+        "from lorashelf.cli import build_parser\n"
+        f"args = build_parser().parse_args(['library', 'ls', {str(lib.path)!r}])\n"
+        "assert args.func(args) == 0\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout and "a" in out.stdout
