@@ -197,18 +197,23 @@ def _print_rich(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
+    min_widths = {"name": 16, "tasks": 10, "rank": 4, "modules": 8, "source": 6, "created": 10}
     for col in LS_COLUMNS:
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", min_width=min_widths[col])
     for row in rows:
-        table.add_row(*(str(row[c]) for c in LS_COLUMNS))
+        table.add_row(*(str(row[c]) for c in LS_COLUMNS[:-1]), _short_time(row["created"]))
     Console().print(table)
+
+
+def _short_time(iso: str) -> str:
+    return iso[:16].replace("T", " ")
 
 
 def _print_plain(rows: list[dict[str, Any]], max_width: int = 48) -> None:
     def cut(text: str) -> str:
         return text if len(text) <= max_width else text[: max_width - 3] + "..."
 
-    cells = [[cut(str(r[c])) for c in LS_COLUMNS] for r in rows]
+    cells = [[cut(str(r[c])) for c in LS_COLUMNS[:-1]] + [_short_time(r["created"])] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(LS_COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

@@ -89,10 +89,11 @@ class Index:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():  # never share one across fork
-            self._conn = self._connect()
-            self._pid = os.getpid()
-        return self._conn
+        with self._lock:
+            if self._conn is None or self._pid != os.getpid():  # never share one across fork
+                self._conn = self._connect()
+                self._pid = os.getpid()
+            return self._conn
 
     def _connect(self) -> sqlite3.Connection:
         target = ":memory:" if self.path is None else str(self.path)

@@ -103,13 +103,20 @@ def row_from_disk(root: Path, name: str, inode: int | None) -> dict[str, Any]:
     return expert_row(card, modules, inode)
 
 
-def clean_tmp(root: Path, repair: Repair) -> None:
-    """Delete dead writers' leftovers in ``.tmp``; put back an expert a crash displaced."""
+def clean_tmp(root: Path, index: Index, repair: Repair) -> None:
+    """Delete dead writers' leftovers in ``.tmp``; put back an expert a crash displaced.
+
+    A ``replaced--`` dir goes back only if its name is free and the index still points
+    at it (same inode): then the overwrite that moved it never committed. Otherwise the
+    overwrite committed (or the expert was removed since) and it is garbage.
+    """
+    rows = None
     for entry in tmp_entries(root):
         if entry.name.startswith(REPLACED):
             name = entry.name[len(REPLACED) :].rsplit("--", 1)[0]
             dest = root / EXPERTS / name
-            if not dest.exists() and (entry / CARD_FILE).is_file():
+            rows = index.inodes() if rows is None else rows
+            if not dest.exists() and rows.get(name) == entry.stat().st_ino:
                 os.rename(entry, dest)
                 repair.restored.append(name)
                 continue
@@ -146,7 +153,7 @@ def repair_library(root: Path, index: Index, *, clean: bool = True) -> Repair:
     repair = Repair()
     with index.write():
         if clean:
-            clean_tmp(root, repair)
+            clean_tmp(root, index, repair)
         reconcile(root, index, repair)
     if repair:
         log.warning(
@@ -161,7 +168,7 @@ def rebuild(root: Path, index: Index) -> None:
     """Drop every index row and re-read all expert dirs."""
     repair = Repair()
     with index.write():
-        clean_tmp(root, repair)
+        clean_tmp(root, index, repair)
         index.clear()
         reconcile(root, index, repair)
     for name, why in sorted(repair.skipped.items()):

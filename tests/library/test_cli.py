@@ -16,8 +16,11 @@ HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
-def run(tmp_path, capsys):
+def run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich reads the terminal width from it
+
     def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop whatever was printed before (e.g. warnings)
         rc = main(["--home", str(tmp_path / "home"), "library", *map(str, argv)])
         out, err = capsys.readouterr()
         return rc, out, err

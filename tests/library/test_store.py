@@ -247,9 +247,12 @@ def test_lost_or_corrupt_index_is_rebuilt(damage, lib, make_adapter, caplog):
 
 
 def test_crash_leftovers_are_reconciled_on_open(lib, make_adapter):
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c", "d", "e"):
         lib.add(make_adapter("a", seed=ord(name)), name)
     bytes_b = (lib.path / "experts/b/adapter_model.safetensors").read_bytes()
+    # an overwrite of e committed, then e was removed, then the overwriter died
+    shutil.copytree(lib.path / "experts/e", lib.path / ".tmp/replaced--e--789")
+    lib.remove("e")
     lib.close()
     con = sqlite3.connect(lib.path / "index.sqlite")
     con.execute("DELETE FROM experts WHERE name = 'a'")  # killed after rename, before commit
