@@ -10,6 +10,7 @@
 LoraHub); ``ROUTERS`` lists routing methods (one module + one registry entry each).
 """
 
+import lorashelf.route.phatgoose  # noqa: F401  (registers "phatgoose")
 from lorashelf.route.arrow import ArrowConfig, ArrowRouter, build_arrow_routers
 from lorashelf.route.mixture import MixtureHandle, MixtureLinear, attach
 from lorashelf.route.prototypes import arrow_prototypes, top_right_singular_vectors
