@@ -4,7 +4,8 @@ The expert directories are the truth. A writer killed mid-add leaves at most a s
 dir in ``.tmp`` (deleted once no live writer holds its lock), or a complete expert dir
 with no index row (indexed from its card). A writer killed mid-overwrite may have moved
 the old expert to ``.tmp/replaced--<name>--<id>`` without moving the new one in: the
-old one is put back. A writer killed mid-remove leaves an index row without a dir,
+old one is put back (the index row still names its inode, so the overwrite never
+committed). A writer killed mid-remove leaves an index row without a dir,
 which is dropped. Rows whose dir's inode changed are re-read from disk. Callers hold
 the index's write lock, so no live writer is between its two renames meanwhile.
 :func:`find_problems` is ``Library.verify``: every checksum, every dir, every row.
@@ -63,6 +64,15 @@ class Repair:
         return ", ".join(parts)
 
 
+def displaced_path(root: Path, kind: str, name: str) -> Path:
+    """Where an expert dir goes while an overwrite (REPLACED) or remove (REMOVED) commits."""
+    return root / TMP / f"{kind}{name}--{os.urandom(8).hex()}"
+
+
+def displaced_name(entry: Path, kind: str) -> str:
+    return entry.name[len(kind) :].rsplit("--", 1)[0]
+
+
 def disk_experts(root: Path) -> dict[str, int]:
     """``{dir name: inode}`` of the expert dirs (one scandir, no stat on Linux)."""
     try:
@@ -113,7 +123,7 @@ def clean_tmp(root: Path, index: Index, repair: Repair) -> None:
     rows = None
     for entry in tmp_entries(root):
         if entry.name.startswith(REPLACED):
-            name = entry.name[len(REPLACED) :].rsplit("--", 1)[0]
+            name = displaced_name(entry, REPLACED)
             dest = root / EXPERTS / name
             rows = index.inodes() if rows is None else rows
             if not dest.exists() and rows.get(name) == entry.stat().st_ino:

@@ -241,7 +241,7 @@ class Library:
         self.meta = new_meta
         old = None
         if dest.exists():
-            old = self.path / TMP / f"{REPLACED}{name}--{staged.name}"
+            old = recover.displaced_path(self.path, REPLACED, name)
             os.rename(dest, old)
         try:
             os.rename(staged, dest)
@@ -267,7 +267,7 @@ class Library:
                 self.get(name)  # raises with suggestions
             dest = self.path / EXPERTS / name
             if dest.exists():
-                trash = self.path / TMP / f"{REMOVED}{name}--{os.urandom(8).hex()}"
+                trash = recover.displaced_path(self.path, REMOVED, name)
                 (self.path / TMP).mkdir(exist_ok=True)
                 os.rename(dest, trash)
                 if self._fsync:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lorashelf.errors import LorashelfError
 from lorashelf.library import Library, export_expert, safe_name
+from lorashelf.library.recover import REMOVED, REPLACED, displaced_path
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK = "bigbench:logical_deduction/three_objects"
@@ -251,7 +252,7 @@ def test_crash_leftovers_are_reconciled_on_open(lib, make_adapter):
         lib.add(make_adapter("a", seed=ord(name)), name)
     bytes_b = (lib.path / "experts/b/adapter_model.safetensors").read_bytes()
     # an overwrite of e committed, then e was removed, then the overwriter died
-    shutil.copytree(lib.path / "experts/e", lib.path / ".tmp/replaced--e--789")
+    shutil.copytree(lib.path / "experts/e", displaced_path(lib.path, REPLACED, "e"))
     lib.remove("e")
     lib.close()
     con = sqlite3.connect(lib.path / "index.sqlite")
@@ -261,8 +262,8 @@ def test_crash_leftovers_are_reconciled_on_open(lib, make_adapter):
     tmp = lib.path / ".tmp"
     (tmp / "new--dead").mkdir()  # killed while staging
     (tmp / "new--dead/adapter_model.safetensors").write_bytes(b"half")
-    os.rename(lib.path / "experts/b", tmp / "replaced--b--123")  # killed mid-overwrite
-    os.rename(lib.path / "experts/c", tmp / "removed--c--456")  # killed mid-remove
+    os.rename(lib.path / "experts/b", displaced_path(lib.path, REPLACED, "b"))  # mid-overwrite
+    os.rename(lib.path / "experts/c", displaced_path(lib.path, REMOVED, "c"))  # mid-remove
     shutil.copytree(lib.path / "experts/d", lib.path / "d2")  # dir replaced behind our back
     shutil.rmtree(lib.path / "experts/d")
     os.rename(lib.path / "d2", lib.path / "experts/d")
