@@ -16,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -146,4 +147,63 @@ def test_concurrent_writers_all_succeed(tmp_path):
     lib = Library.open(root)
     want = {f"w{p}_{i:04d}" for p in range(writers) for i in range(per_writer)}
     assert set(lib.names()) == want and len(lib) == writers * per_writer
+    assert_all_complete(lib)
+
+
+def crash_at(root: str, op: str, src: str, renames_done: int) -> None:
+    """Run ``op`` on expert "x" and die (os._exit, like SIGKILL) at rename number
+    ``renames_done``, or right before the index write if every rename is done."""
+    from lorashelf.library.index import Index
+
+    lib = Library.open(root)
+    real_rename, count = os.rename, [0]
+
+    def rename(a, b):
+        if count[0] == renames_done:
+            os._exit(0)
+        real_rename(a, b)
+        count[0] += 1
+
+    def index_write(*args, **kwargs):
+        if count[0] == renames_done:
+            os._exit(0)
+        raise AssertionError("the index write comes after every rename")
+
+    os.rename = rename
+    Index.upsert = Index.delete = index_write
+    if op == "remove":
+        lib.remove("x")
+    else:
+        lib.add(src, "x", {"extra": {"src": src}}, overwrite=op == "overwrite")
+    os._exit(3)  # not reached: the crash point is inside the operation
+
+
+CRASH_POINTS = [  # (operation, renames done before the crash, what x must be after)
+    ("add", 0, None),
+    ("add", 1, "new"),
+    ("overwrite", 0, "old"),
+    ("overwrite", 1, "old"),  # old moved out, new not in yet: old is put back
+    ("overwrite", 2, "new"),
+    ("remove", 0, "old"),
+    ("remove", 1, None),
+]
+
+
+@pytest.mark.parametrize("op,renames_done,expect", CRASH_POINTS)
+def test_crash_at_each_step_leaves_old_or_new(tmp_path, op, renames_done, expect):
+    old, new = (synthetic_adapter(tmp_path / n, layers=1, d=8, r=2, seed=i) for i, n in enumerate(("old", "new")))  # fmt: skip
+    root = tmp_path / "lib"
+    lib = Library.open(root, create=True, base_model=HUB_BASE)
+    if op != "add":
+        lib.add(old, "x", {"extra": {"src": str(old)}})
+    lib.add(old, "y", {"extra": {"src": str(old)}})  # a bystander
+    proc = multiprocessing.get_context("fork").Process(
+        target=crash_at, args=(str(root), op, str(new), renames_done)
+    )
+    proc.start()
+    proc.join()
+    assert proc.exitcode == 0
+    lib = Library.open(root)
+    want = {"y": str(old)} | ({"x": str({"old": old, "new": new}[expect])} if expect else {})
+    assert {e.name: e.card["extra"]["src"] for e in lib} == want
     assert_all_complete(lib)
