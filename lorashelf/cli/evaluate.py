@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lib.add_argument(
         "--experts", default=None, help="comma-separated subset of the library's experts"
     )
-    lib.add_argument("--top-k", type=int, default=4, help="arrow/phatgoose: experts per token")
+    lib.add_argument(
+        "--top-k", type=int, default=None, help="arrow/phatgoose: experts per token (default 4 / 2)"
+    )
     lib.add_argument(
         "--temperature", type=float, default=1.0, help="arrow: routing softmax temperature"
     )

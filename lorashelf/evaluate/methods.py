@@ -30,7 +30,7 @@ class MethodOptions:
     """Options shared by the methods; each method reads the ones it needs."""
 
     experts: tuple[str, ...] | None = None  # a subset of the library (default: all)
-    top_k: int = 4  # arrow, phatgoose
+    top_k: int | None = None  # arrow, phatgoose (None: the method's default, 4 and 2)
     temperature: float = 1.0  # arrow
     mix: str = "output"  # arrow: output or params mixing
     density: float = 0.2  # ties
@@ -136,7 +136,7 @@ def _router(kind: str) -> Builder:
 
         assert library is not None
         names = _names(library, options)
-        config = _router_config(kind, options, len(names))
+        config = _router_config(kind, options, len(names), library)
         experts = _factors(model, library, names)
         sums = [library.get(n).files.get("adapter_model.safetensors", "") for n in names]
         routed = build_routed_model(
@@ -156,21 +156,27 @@ def _router(kind: str) -> Builder:
     return build
 
 
-def _router_config(kind: str, options: MethodOptions, n: int) -> Any:
+def _router_config(kind: str, options: MethodOptions, n: int, library: Library) -> Any:
     from lorashelf.route import ROUTERS
 
     cls = ROUTERS.get(kind).config_cls
-    fields = {"top_k": min(options.top_k, n)}
+    top_k = options.top_k if options.top_k is not None else cls().top_k
+    fields: dict[str, Any] = {"top_k": min(top_k, n)}
     if kind == "arrow":
         fields.update(temperature=options.temperature, mix=options.mix)
-    if options.top_k > n:
+    if kind == "phatgoose":
+        from lorashelf.route.gate_store import gates_dir
+
+        fields["gates_dir"] = str(gates_dir(library.path))
+    if top_k > n:
         import warnings
 
-        warnings.warn(f"top-k {options.top_k} > {n} experts; using top-k {n}", stacklevel=2)
+        warnings.warn(f"top-k {top_k} > {n} experts; using top-k {n}", stacklevel=2)
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
 METHODS.register("arrow")(_router("arrow"))
+METHODS.register("phatgoose")(_router("phatgoose"))
 
 
 @METHODS.register("oracle")

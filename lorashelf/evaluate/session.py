@@ -38,7 +38,7 @@ class EvalRequest:
     max_examples: int | None = None
     chat: bool = False
     experts: tuple[str, ...] | None = None
-    top_k: int = 4
+    top_k: int | None = None
     temperature: float = 1.0
     mix: str = "output"
     density: float = 0.2

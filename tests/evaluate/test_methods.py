@@ -32,13 +32,23 @@ def logits(model, tok):
         return model(ids).logits
 
 
-@pytest.mark.parametrize(
-    "method", [m if m != "expert" else "expert:beta" for m in METHODS.names() if m != "phatgoose"]
-)
+def add_random_gates(lib) -> None:
+    """PHATGOOSE needs trained gates; random ones exercise the same code path."""
+    from lorashelf.route.gate_store import adapter_checksum, gates_dir, save_gates
+
+    g = torch.Generator().manual_seed(0)
+    for name in lib.names():
+        exp = lib.get(name)
+        gates = {m: torch.randn(f.A.shape[1], generator=g) for m, f in exp.lora_factors().items()}
+        save_gates(gates_dir(lib.path), adapter_checksum(exp), gates, {"test": True})
+
+
+@pytest.mark.parametrize("method", [m if m != "expert" else "expert:beta" for m in METHODS.names()])
 def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer):
     import copy
 
     lib = tiny_library(EXPERTS)
+    add_random_gates(lib)
     model = copy.deepcopy(tiny_model)
     before = logits(model, tiny_tokenizer)
     opts = MethodOptions(top_k=2, oracle={"t:new": "t:gamma"})
@@ -120,6 +130,16 @@ def test_cli_eval_library_methods_and_routing_report(
     assert report.with_suffix(".png").stat().st_size > 1000
     weights = next(iter(rep["tasks"].values()))["overall"]
     assert len(weights) == 3 and sum(weights) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_phatgoose_without_gates_names_the_fix(tiny_library, tiny_model):
+    import copy
+
+    from lorashelf.errors import LorashelfError
+
+    lib = tiny_library(EXPERTS)
+    with pytest.raises(LorashelfError, match="lorashelf gates train"):
+        prepare("phatgoose", copy.deepcopy(tiny_model), lib, MethodOptions())
 
 
 def test_cli_eval_errors(tiny_library, tmp_path, capsys):

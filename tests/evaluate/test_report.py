@@ -8,7 +8,10 @@ from lorashelf.evaluate.runner import EvalConfig, EvalResult, TaskResult
 
 
 def result(method: str, accs: dict[str, float], nlls: dict[str, float]) -> EvalResult:
-    tasks = {t: TaskResult(n=10, accuracy=a, nll=nlls[t], kind="mc", seconds=1.0) for t, a in accs.items()}
+    tasks = {
+        t: TaskResult(n=10, accuracy=a, nll=nlls[t], kind="mc", seconds=1.0)
+        for t, a in accs.items()
+    }
     return EvalResult(method=method, tasks=tasks, config=EvalConfig())
 
 

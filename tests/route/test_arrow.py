@@ -99,7 +99,10 @@ def test_prototype_cache_via_build(model, experts, tmp_path) -> None:
 def test_router_contract(method: str, model, experts) -> None:
     """Every registered router: one router per module, weights over E_m, rows sum to 1."""
     spec = ROUTERS.get(method)
-    routers = spec.build(spec.config_cls(), RouterContext(experts=experts))
+    # routers that need trained state (PHATGOOSE's gates) get random gates here
+    gates = [{m: torch.randn(f.A.shape[1]) for m, f in fs.items()} for _, fs in experts]
+    ctx = RouterContext(experts=experts, extras={"phatgoose_gates": gates})
+    routers = spec.build(spec.config_cls(), ctx)
     assert set(routers) <= set(experts[0][1]) and routers
     for m, router in routers.items():
         d_in = experts[0][1][m].A.shape[1]

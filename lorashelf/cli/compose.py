@@ -1,0 +1,171 @@
+"""``lorashelf compose`` (LoraHub: a new expert from a few shots of a task) and
+``lorashelf fewshot`` (LoraHub against its baselines over several draws of shots)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _compose_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("composition (LoraHub)")
+    g.add_argument("--shots", type=int, default=5, help="examples drawn from the train split")
+    g.add_argument("--experts", default=None, help="comma-separated experts (default: all)")
+    g.add_argument("--preselect", type=int, default=None, help="keep the N best experts first")
+    g.add_argument("--preselect-by", default="loss", help="loss (default) or arrow")
+    g.add_argument("--budget", type=int, default=40, help="loss evaluations (adam: steps)")
+    g.add_argument("--mix", default="params", help="params (LoraHub, default) or output")
+    g.add_argument("--optimizer", default="cma", help="cma (default), ngopt or adam")
+    g.add_argument("--popsize", type=int, default=None, help="candidates asked per generation")
+    g.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty")
+    g.add_argument("--loss", default="reference", help="reference (default), token or example")
+    g.add_argument("--chunk", type=int, default=16, help="candidates scored per forward pass")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    g.add_argument("--max-examples", type=int, default=None, help="cap examples read per task")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compose", help="LoraHub: compose the library's experts for a task")
+    p.add_argument("dir", type=Path, help="library directory (the expert is added to it)")
+    p.add_argument("--task", required=True, help="task id, e.g. bigbench:logical_deduction/...")
+    p.add_argument("--seed", type=int, default=0, help="shots draw and search seed")
+    p.add_argument("--name", default=None, help="expert name (default: lorahub__TASK__sSEED)")
+    p.add_argument("--save-rank", type=int, default=None, help="0: exact; K: SVD to rank K")
+    p.add_argument("--overwrite", action="store_true", help="replace an expert of that name")
+    p.add_argument("--allow-mixed", action="store_true", help="allow a rank the library lacks")
+    p.add_argument("--json", type=Path, default=None, help="write the result summary here")
+    _compose_options(p)
+    p.set_defaults(func=cmd_compose)
+
+    f = sub.add_parser("fewshot", help="compare LoraHub with few-shot baselines on tasks")
+    f.add_argument("dir", type=Path, help="library directory")
+    f.add_argument("--tasks", required=True, help="comma-separated task ids")
+    f.add_argument("--seeds", type=int, default=5, help="draws of shots (seeds 0..N-1)")
+    f.add_argument("--methods", default=None, help="comma-separated (default: all registered)")
+    f.add_argument("--limit", type=int, default=None, help="at most N test examples per task")
+    f.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    f.add_argument("--max-length", type=int, default=1024, help="evaluation max tokens")
+    f.add_argument("--lora-steps", type=int, default=100, help="lora baseline: training steps")
+    f.add_argument("--lora-lr", type=float, default=1e-3, help="lora baseline: learning rate")
+    f.add_argument("--json", type=Path, default=None, help="write the report JSON here")
+    _compose_options(f)
+    f.set_defaults(func=cmd_fewshot)
+
+
+def _config(args: argparse.Namespace, seed: int = 0):
+    from lorashelf.compose import ComposeConfig
+
+    experts = (
+        tuple(e.strip() for e in args.experts.split(",") if e.strip()) if args.experts else None
+    )
+    return ComposeConfig(
+        experts=experts, preselect=args.preselect, preselect_by=args.preselect_by,
+        budget=args.budget, mix=args.mix, optimizer=args.optimizer, popsize=args.popsize,
+        l1=args.l1, loss=args.loss, chunk=args.chunk, chat=args.chat, seed=seed,
+        save_rank=getattr(args, "save_rank", None),
+    )  # fmt: skip
+
+
+def _load(args: argparse.Namespace, library):
+    from lorashelf.models import load_base
+    from lorashelf.runtime import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    return load_base(library.base_model, home=args.home, dtype=dtype, device=args.device)
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from lorashelf.compose import OPTIMISERS, compose, draw_shots, save_composition
+    from lorashelf.config import write_json_atomic
+    from lorashelf.data import load_task
+    from lorashelf.errors import LorashelfError
+    from lorashelf.library import Library, check_name, safe_name
+
+    config = _config(args, seed=args.seed)
+    OPTIMISERS.get(config.optimizer)  # a typo fails before the model loads
+    lib = Library.open(args.dir)
+    task = load_task(args.task, home=args.home, max_examples=args.max_examples)
+    name = check_name(args.name or f"lorahub__{safe_name(task.id)}__s{args.seed}")
+    if name in lib and not args.overwrite:
+        raise LorashelfError(
+            f"an expert named {name!r} already exists in {lib.path}; pass --name or --overwrite"
+        )
+    shots = draw_shots(task, args.shots, args.seed)
+    base = _load(args, lib)
+    result = compose(base.model, base.tokenizer, lib, shots, config, progress=True)
+    expert = save_composition(
+        result, lib, name, tasks=[task.id], allow_mixed=args.allow_mixed, overwrite=args.overwrite
+    )
+    print_weights(result, title=f"{expert.name}: {task.id}, {len(shots)} shots, seed {args.seed}")
+    extra = expert.card["extra"]
+    print(
+        f"added {expert.name} to {lib.path} (rank {extra['rank']}, loss {result.loss:.4f}, "
+        f"{result.evaluations} evaluations in {result.seconds:.1f} s"
+        + (
+            f", truncation error {extra['relative_truncation_error']:.3g}"
+            if extra["truncated_to"]
+            else ""
+        )
+        + ")"
+    )
+    if args.json:
+        write_json_atomic(args.json, result.summary())
+    return 0
+
+
+def print_weights(result, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("expert")
+    table.add_column("weight", justify="right")
+    for name, w in sorted(result.weight_map.items(), key=lambda kv: -abs(kv[1])):
+        table.add_row(name, f"{w:+.4f}")
+    Console().print(table)
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lorashelf.compose import resolve_experts
+    from lorashelf.compose.baselines import FEWSHOT_METHODS, FewShotOptions
+    from lorashelf.compose.fewshot import FewShotConfig, fewshot_table, run_fewshot
+    from lorashelf.config import write_json_atomic
+    from lorashelf.data import load_task
+    from lorashelf.errors import LorashelfError
+    from lorashelf.evaluate.runner import EvalConfig, evaluate_task
+    from lorashelf.library import Library
+
+    task_ids = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not task_ids:
+        raise LorashelfError("--tasks is empty; pass e.g. --tasks bigbench:logical_deduction/...")
+    methods = (
+        tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.methods
+        else tuple(FEWSHOT_METHODS.names())
+    )
+    options = FewShotOptions(lora_steps=args.lora_steps, lora_lr=args.lora_lr)
+    fs = FewShotConfig(shots=args.shots, seeds=args.seeds, methods=methods, options=options)
+    config = _config(args)
+    lib = Library.open(args.dir)
+    tasks = [load_task(t, home=args.home, max_examples=args.max_examples) for t in task_ids]
+    base = _load(args, lib)
+    experts = resolve_experts(lib, config.experts, args.device)
+    eval_cfg = EvalConfig(
+        split="test", limit=args.limit, seed=fs.split_seed, batch_size=args.batch_size,
+        max_length=args.max_length, chat=args.chat,
+    )  # fmt: skip
+
+    def evaluate(model, tokenizer, task):
+        r = evaluate_task(model, tokenizer, task, eval_cfg)
+        return {"n": r.n, "accuracy": r.accuracy, "nll": r.nll}
+
+    report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True)
+    title = f"{args.shots} shots x {args.seeds} seeds, {len(experts)} experts"
+    Console().print(fewshot_table(report, title=title))
+    if args.json:
+        write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
