@@ -72,6 +72,15 @@ class EvalResult:
         }
 
 
+def result_from_json(data: dict[str, Any], method: str | None = None) -> EvalResult:
+    """Read back ``EvalResult.to_json()`` (optionally relabelling the method)."""
+    cfg = EvalConfig(**data.get("config", {}))
+    tasks = {t: TaskResult(**r) for t, r in data["tasks"].items()}
+    return EvalResult(
+        method=method or data["method"], tasks=tasks, config=cfg, meta=data.get("meta", {})
+    )
+
+
 def select_examples(task: Task, cfg: EvalConfig) -> tuple[Example, ...]:
     examples = task.splits(seed=cfg.seed).get(cfg.split)
     if cfg.limit is not None:

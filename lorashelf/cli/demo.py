@@ -1,0 +1,50 @@
+"""``lorashelf demo``: the main job - build a library, reuse it every way, report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="build a library from BIG-bench, reuse it every way, write a report"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)"
+    )
+    p.add_argument("--quick", action="store_true", help="the small suite (a few minutes)")
+    p.add_argument(
+        "--suite",
+        default=None,
+        help="a shipped suite name or a suite .json (default: demo, or quick)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    from rich.console import Console
+
+    from lorashelf.cli import main
+    from lorashelf.demo.pipeline import Demo
+    from lorashelf.demo.report import build_report, collect_results
+    from lorashelf.demo.suite import load_suite
+    from lorashelf.evaluate.table import print_results
+
+    suite = load_suite(args.suite or ("quick" if args.quick else "demo"))
+    out = args.out if not args.quick or args.out != Path("demo_out") else Path("demo_out_quick")
+    console = Console()
+    demo = Demo(out=out, suite=suite, home=args.home, run_cli=main, console=console)
+    demo.run()
+    versions = {p: version(p) for p in ("lorashelf", "torch", "transformers", "peft")}
+    versions["python"] = sys.version.split()[0]
+    md, page = build_report(demo, "lorashelf " + shlex.join(sys.argv[1:]), versions)
+    print_results(
+        collect_results(demo), title=f"held-out tasks, suite {suite.name}", console=console
+    )
+    console.print(f"report: {md} and {page}")
+    return 0

@@ -1,0 +1,71 @@
+"""Demo suites: which tasks build the library and which held-out tasks judge it.
+
+A suite (JSON shipped in ``lorashelf/suites/``) lists training tasks grouped in
+families of sibling BIG-bench tasks with distinct formats plus unrelated tasks, and
+held-out tasks each mapped to its sibling training task (the oracle's expert).
+Training and held-out tasks never overlap: that is checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lorashelf.errors import LorashelfError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    train: tuple[str, ...]
+    heldout: dict[str, str]  # held-out task -> sibling training task
+    families: dict[str, list[str]] = field(default_factory=dict)
+    clusters: int = 3
+    train_examples: int = 200  # examples read per task (before the split)
+    eval_limit: int = 40  # test examples per held-out task
+    train_steps: int = 60
+    gate_steps: int = 30
+    shots: int = 5
+    seeds: int = 3
+
+    @property
+    def bigbench_names(self) -> list[str]:
+        ids = [*self.train, *self.heldout]
+        return sorted({t.split(":", 1)[1] for t in ids if t.startswith("bigbench:")})
+
+
+def shipped() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".json")
+        for p in resources.files("lorashelf.suites").iterdir()
+        if p.name.endswith(".json")
+    )
+
+
+def load_suite(name_or_path: str) -> Suite:
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        data = json.loads(path.read_text())
+    else:
+        names = shipped()
+        if name_or_path not in names:
+            raise LorashelfError(
+                f"unknown suite {name_or_path!r}{did_you_mean(name_or_path, names)}; shipped: {', '.join(names)}, or pass a suite .json file"
+            )
+        data = json.loads(
+            resources.files("lorashelf.suites").joinpath(f"{name_or_path}.json").read_text()
+        )
+    data["train"] = tuple(data["train"])
+    suite = Suite(**data)
+    overlap = set(suite.train) & set(suite.heldout)
+    if overlap:
+        raise LorashelfError(
+            f"suite {suite.name}: held-out tasks also in training: {sorted(overlap)}"
+        )
+    missing = [s for s in suite.heldout.values() if s not in suite.train]
+    if missing:
+        raise LorashelfError(f"suite {suite.name}: sibling tasks not in training: {missing}")
+    return suite
