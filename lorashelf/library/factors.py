@@ -198,7 +198,9 @@ def read_lora_factors(
     """``{module path: LoraFactors}`` of a PEFT adapter dir, or of a state dict + its config.
 
     Module paths are the base model's (``model.layers.0.self_attn.q_proj``), in layer
-    order. ``device``/``dtype`` default to the stored ones.
+    order. ``device``/``dtype`` default to the stored ones. A state dict must hold only
+    the adapter's tensors, as saved or as ``peft.get_peft_model_state_dict`` returns
+    them (names with an adapter segment, ``lora_A.default.weight``, are accepted too).
     """
     if isinstance(source, Mapping):
         if config is None:
