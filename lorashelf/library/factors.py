@@ -81,9 +81,10 @@ class LoraFactors:
 
 def unsupported_variant(config: Mapping[str, Any]) -> str | None:
     """What makes ``config`` something other than a plain LoRA, or None if it is one."""
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        return f"peft_type {config.get('peft_type')!r} (only LORA adapters are supported)"
+    peft_type = config.get("peft_type", "")
+    peft_type = str(getattr(peft_type, "value", peft_type))  # PEFT's enum in live configs
+    if peft_type.upper() != "LORA":
+        return f"peft_type {peft_type!r} (only LORA adapters are supported)"
     for field, what in _VARIANT_FLAGS:
         if config.get(field):
             return what

@@ -97,3 +97,14 @@ def test_pattern_value_follows_peft_matching():
     assert pattern_value(pats, "model.layers.1.self_attn.v_proj", 9) == 3
     assert pattern_value(pats, "model.layers.0.self_attn.v_proj", 9) == 9
     assert pattern_value(pats, "model.layers.0.self_attn.xq_proj", 9) == 9  # whole names only
+
+
+def test_live_model_state_dict_with_adapter_names(tiny_llama, make_adapter):
+    src = make_adapter("plain", seed=3)
+    model = load_peft(tiny_llama, src)
+    live = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    assert any(".lora_A.default.weight" in k for k in live)
+    got = read_lora_factors(live, model.peft_config["default"].to_dict())
+    want = read_lora_factors(src)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[m].A, want[m].A) and got[m].scale == want[m].scale for m in got)
