@@ -9,11 +9,6 @@ import pytest
 from lorashelf.cli import main
 from lorashelf.cluster.metrics import adjusted_rand_index
 
-try:
-    from lorashelf.library import Library  # noqa: F401
-except ImportError:  # the library area is not in yet
-    pytest.skip("lorashelf.library.Library is not available", allow_module_level=True)
-
 
 def test_cluster_cli_writes_json_and_heatmap(peft_library, tmp_path, capsys):
     lib, truth = peft_library
