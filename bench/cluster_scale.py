@@ -67,26 +67,10 @@ def write_experts(root: Path, n: int, families: int, seed: int = 0) -> list[int]
     return truth
 
 
-class _F:
-    __slots__ = ("A", "B")
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.A, self.B = a, b
-
-
 def read_factors(path: Path) -> dict:
-    """Module path -> factors of one PEFT dir (the library's reader when it is there)."""
-    try:
-        from lorashelf.library.factors import read_lora_factors
-    except ImportError:
-        sd = load_file(str(path / "adapter_model.safetensors"))
-        mods = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in sd}
-        return {
-            m: _F(
-                sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"]
-            )
-            for m in mods
-        }
+    """Module path -> LoraFactors of one PEFT dir, with the library's reader."""
+    from lorashelf.library.factors import read_lora_factors
+
     return read_lora_factors(path)
 
 
