@@ -240,8 +240,8 @@ def summary(n: int, ours: dict, dense: dict | None, diff, ari: float, write_s: f
     ratio = dense["peak_rss_mb"] / ours["peak_rss_mb"] if dense else float("nan")
     print(
         f"RESULT cluster_scale: {ours['total_s']:.1f} s, {ours['peak_rss_mb']:.0f} MB peak for {n} "
-        f"experts ({'within' if ok else 'OUTSIDE'} 60 s / 2 GB); {ratio:.2f}x less peak memory "
-        "than the dense array"
+        f"experts ({'within' if ok else 'OUTSIDE'} 60 s / 2 GB)"
+        + (f"; {ratio:.2f}x less peak memory than the dense array" if dense else "")
     )
     write_json(
         args.json,
