@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -168,6 +169,9 @@ def report(res: dict) -> None:
     for r in rows:
         table.add_row(*r)
     Console().print(table)
+    print(
+        f"load average (1 min) at the end: {res['load_average_1m']:.1f} on {os.cpu_count()} cores"
+    )
     ratio = res["baseline_read_every_card_s"] / res["ls_in_process_s"]
     print(f"ls via the index (whole handler) vs just reading every card.json: {ratio:.1f}x")
     ok = res["ls_cli_subprocess_s"] < 1.0
@@ -197,7 +201,8 @@ def main() -> int:
         side = Path(tmp) / "durable"
         durable = create(side, sources, args.durable_sample, fsync=True)
         res = {"create_fast_per_s": fast, "create_durable_per_s": durable,
-               "durable_sample": args.durable_sample, **measure(root, args.repeat)}  # fmt: skip
+               "durable_sample": args.durable_sample, **measure(root, args.repeat),
+               "load_average_1m": os.getloadavg()[0]}  # fmt: skip
     report(res)
     write_json(args.json, {"benchmark": "library_scale", **res})
     return 0
