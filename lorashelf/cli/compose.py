@@ -67,6 +67,14 @@ def _config(args: argparse.Namespace, seed: int = 0):
     )  # fmt: skip
 
 
+def _quiet() -> None:
+    """Entry-point choice: nevergrad hands scipy's COBYLA (from a worker thread) a final
+    radius that scipy corrects with a warning on every run; it changes nothing."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarning)
+
+
 def _load(args: argparse.Namespace, library):
     from lorashelf.models import load_base
     from lorashelf.runtime import resolve_dtype
@@ -82,6 +90,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from lorashelf.errors import LorashelfError
     from lorashelf.library import Library, check_name, safe_name
 
+    _quiet()
     config = _config(args, seed=args.seed)
     OPTIMISERS.get(config.optimizer)  # a typo fails before the model loads
     lib = Library.open(args.dir)
@@ -138,6 +147,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     from lorashelf.evaluate.runner import EvalConfig, evaluate_task
     from lorashelf.library import Library
 
+    _quiet()
     task_ids = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not task_ids:
         raise LorashelfError("--tasks is empty; pass e.g. --tasks bigbench:logical_deduction/...")

@@ -1,0 +1,140 @@
+"""The few-shot comparison: every method, on each task, over several draws of shots.
+
+As in LoraHub's evaluation (Huang et al. 2023, arXiv 2307.13269, section 4), each seed
+draws its own shots from the task's train split (and seeds the search); every method
+is scored on the same held-out test split, and the table reports the mean and the best
+over seeds of the accuracy and of the gold NLL. Methods that ignore the shots
+(zero-shot, the uniform merge) run once per task. Scoring is injected as ``evaluate``
+(the CLI passes lorashelf.evaluate's runner), so this module needs nothing to its right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lorashelf.compose.baselines import (
+    FEWSHOT_METHODS,
+    FewShotContext,
+    FewShotMethod,
+    FewShotOptions,
+)
+from lorashelf.compose.config import ComposeConfig
+from lorashelf.compose.shots import draw_shots, fingerprint
+from lorashelf.config import to_dict
+from lorashelf.data.task import Task
+from lorashelf.errors import LorashelfError
+from lorashelf.models import BaseModel
+
+# (model, tokenizer, task) -> {"n": int, "accuracy": float, "nll": float, ...}
+Evaluate = Callable[[Any, Any, Task], dict[str, Any]]
+DEFAULT_METHODS = ("zero-shot", "icl", "uniform", "lorahub", "gradient", "lora")
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    shots: int = 5
+    seeds: int = 5
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    split_seed: int = 0
+    options: FewShotOptions = field(default_factory=FewShotOptions)
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise LorashelfError(f"--seeds must be >= 1, got {self.seeds}")
+        if not self.methods:
+            raise LorashelfError("no methods to compare; pass e.g. --methods lorahub,icl")
+        for name in self.methods:
+            FEWSHOT_METHODS.get(name)  # unknown names fail now, with suggestions
+
+
+def run_method(spec: FewShotMethod, ctx: FewShotContext, evaluate: Evaluate) -> dict[str, Any]:
+    """Build one method, score it, restore the base model (also on errors)."""
+    built = spec.build(ctx)
+    try:
+        scores = evaluate(built.model, ctx.base.tokenizer, built.task)
+    finally:
+        built.close()
+    return {**scores, "info": built.info}
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    accs = [r["accuracy"] for r in runs]
+    nlls = [r["nll"] for r in runs]
+    return {
+        "mean_accuracy": sum(accs) / len(accs),
+        "best_accuracy": max(accs),
+        "mean_nll": sum(nlls) / len(nlls),
+        "best_nll": min(nlls),
+        "runs": list(runs),
+    }
+
+
+def run_fewshot(
+    base: BaseModel,
+    experts: list[tuple[str, dict]],
+    tasks: Sequence[Task],
+    compose_config: ComposeConfig,
+    config: FewShotConfig,
+    evaluate: Evaluate,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every method on every task; returns the JSON report (per task and mean)."""
+    specs = [FEWSHOT_METHODS.get(m) for m in config.methods]
+    n_runs = sum(config.seeds if s.seeded else 1 for s in specs) * len(tasks)
+    report: dict[str, Any] = {"tasks": {}}
+    with tqdm(total=n_runs, desc="fewshot", unit="run", disable=not progress) as bar:
+        for task in tasks:
+            shots = [
+                draw_shots(task, config.shots, s, config.split_seed) for s in range(config.seeds)
+            ]
+            per_method = {}
+            for spec in specs:
+                runs = []
+                for seed in range(config.seeds if spec.seeded else 1):
+                    bar.set_postfix_str(f"{task.id} {spec.name} seed {seed}")
+                    ctx = FewShotContext(
+                        base, experts, task, shots[seed], seed, compose_config, config.options
+                    )
+                    run = run_method(spec, ctx, evaluate)
+                    runs.append({"seed": seed, "shots": fingerprint(shots[seed]), **run})
+                    bar.update()
+                per_method[spec.name] = summarise(runs)
+            report["tasks"][task.id] = per_method
+    report["mean"] = _means(report["tasks"], [s.name for s in specs])
+    report["config"] = {"fewshot": to_dict(config), "compose": to_dict(compose_config)}
+    report["experts"] = [n for n, _ in experts]
+    return report
+
+
+def _means(tasks: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, dict[str, float]]:
+    keys = ("mean_accuracy", "best_accuracy", "mean_nll", "best_nll")
+    return {
+        m: {k: sum(t[m][k] for t in tasks.values()) / len(tasks) for k in keys} for m in methods
+    }
+
+
+def fewshot_table(report: dict[str, Any], title: str = "few-shot comparison") -> Any:
+    """A rich table: per task and method, accuracy and gold NLL (mean and best over seeds)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("task", "method", "acc mean", "acc best", "NLL mean", "NLL best"):
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    sections = [*report["tasks"].items(), ("mean", report["mean"])]
+    for task_id, methods in sections:
+        for i, (name, s) in enumerate(methods.items()):
+            table.add_row(
+                task_id if i == 0 else "",
+                name,
+                f"{s['mean_accuracy']:.3f}",
+                f"{s['best_accuracy']:.3f}",
+                f"{s['mean_nll']:.3f}",
+                f"{s['best_nll']:.3f}",
+            )
+        table.add_section()
+    return table

@@ -1,0 +1,99 @@
+"""Score a whole population of expert weightings on the shots in one forward pass.
+
+The LoraHub reference (sail-sg/lorahub) scores one candidate at a time: it sums the
+experts' A and B matrices with the candidate's weights into a state dict, loads it
+into a PEFT model and runs the shots through the full model, logits at every
+position. Here the experts stay attached once as lorashelf's mixture layer
+(lorashelf.route.mixture) and every sequence carries its own weights: the shots are
+replicated once per candidate and a ``(P*N, E)`` weight matrix gives row ``p*N + i``
+candidate ``p``'s weights, so a CMA-ES generation of ``P`` candidates costs one
+batched pass (chunked to bound memory). Only the hidden states that predict target
+tokens go through the LM head. The same code is differentiable in the weights, which
+the gradient baseline (Adam on ``w``) uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorashelf.compose.shots import ShotBatch
+from lorashelf.route import attach
+from lorashelf.route.stack import Experts
+from lorashelf.train.loss import split_lm
+
+
+class PopulationScorer:
+    """The shots' cross-entropy under any number of weightings of ``experts``.
+
+    Attaches the mixture to ``model`` in place; call :meth:`close` (or use ``with``)
+    to restore it. ``loss`` is ``reference`` (token-pooled mean / number of shots, as
+    the reference's ``default_get_loss`` returns), ``token`` (token-pooled mean) or
+    ``example`` (mean over shots of each shot's per-token mean).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        experts: Experts,
+        shots: ShotBatch,
+        *,
+        mix: str = "params",
+        loss: str = "reference",
+        chunk: int = 16,
+    ) -> None:
+        self.backbone, self.head = split_lm(model)
+        device = next(model.parameters()).device
+        self.ids = shots.input_ids.to(device)
+        self.mask = shots.attention_mask.to(device)
+        self.rows, self.cols = shots.rows.to(device), shots.cols.to(device)
+        self.labels = shots.labels.to(device)
+        self.n = shots.n_examples
+        self.n_targets = torch.tensor(shots.n_targets, device=device, dtype=torch.float32)
+        self.loss, self.chunk = loss, chunk
+        self.handle = attach(model, experts, mix=mix)
+        self.names = self.handle.expert_names
+        self.passes = 0  # forward passes run (for benchmarks and reports)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.names)
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        """Loss of each row of ``weights [P, E]`` as ``[P]`` float32, differentiable."""
+        p = weights.shape[0]
+        self.handle.set_weights(weights.repeat_interleave(self.n, dim=0))
+        out = self.backbone(
+            input_ids=self.ids.repeat(p, 1), attention_mask=self.mask.repeat(p, 1), use_cache=False
+        )
+        self.passes += 1
+        offsets = torch.arange(p, device=self.ids.device)[:, None] * self.n
+        hidden = out.last_hidden_state[(offsets + self.rows).flatten(), self.cols.repeat(p)]
+        logits = self.head(hidden).float()
+        ce = F.cross_entropy(logits, self.labels.repeat(p), reduction="none").view(p, -1)
+        return self._reduce(ce)
+
+    def _reduce(self, ce: torch.Tensor) -> torch.Tensor:
+        if self.loss == "example":
+            per_shot = torch.zeros(ce.shape[0], self.n, device=ce.device)
+            per_shot.index_add_(1, self.rows, ce)
+            return (per_shot / self.n_targets).mean(1)
+        pooled = ce.mean(1)
+        return pooled / self.n if self.loss == "reference" else pooled
+
+    @torch.no_grad()
+    def losses(self, weights: torch.Tensor) -> torch.Tensor:
+        """Loss of each row of ``weights [P, E]`` on the CPU, ``chunk`` rows per pass."""
+        w = weights.to(device=self.ids.device, dtype=torch.float32)
+        parts = [self.forward(w[i : i + self.chunk]) for i in range(0, w.shape[0], self.chunk)]
+        return torch.cat(parts).cpu()
+
+    def close(self) -> None:
+        self.handle.detach()
+
+    def __enter__(self) -> PopulationScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

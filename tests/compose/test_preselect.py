@@ -1,0 +1,62 @@
+"""Preselection keeps the experts that look best on the shots."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorashelf.compose import PRESELECTORS, ComposeConfig, compose
+
+
+def hf_loss(tiny_model, tok, path, shots):
+    """The shots' pooled target loss under one expert, through PEFT (independent)."""
+    model = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(path)).eval()
+    seqs = []
+    for ex in shots:
+        p = tok(ex.prompt)["input_ids"]
+        t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append((p + t, len(p)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, (s, n_p) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, n_p : len(s)] = torch.tensor(s[n_p:])
+    with torch.no_grad():
+        return float(model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss)
+
+
+def test_registry_lists_both():
+    assert PRESELECTORS.names() == ["arrow", "loss"]
+
+
+def test_loss_preselection_keeps_the_lowest_losses(
+    tiny_model, model, tiny_tokenizer, fitted_library, shots
+):
+    lib = fitted_library
+    cfg = ComposeConfig(preselect=2, preselect_by="loss", budget=4, loss="token")
+    res = compose(model, tiny_tokenizer, lib, shots, cfg)
+    want = {n: hf_loss(tiny_model, tiny_tokenizer, lib.get(n).path, shots) for n in lib.names()}
+    assert res.preselection == pytest.approx({n: -v for n, v in want.items()}, rel=1e-5)
+    best_two = sorted(want, key=want.get)[:2]
+    assert "fit" in best_two
+    assert sorted(res.experts) == sorted(best_two)
+    assert len(res.weights) == 2
+
+
+def test_arrow_preselection_keeps_the_most_routed(model, tiny_tokenizer, make_library, shots):
+    lib = make_library(5)
+    res = compose(model, tiny_tokenizer, lib, shots,
+                  ComposeConfig(preselect=3, preselect_by="arrow", budget=4))  # fmt: skip
+    scores = res.preselection
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)  # a softmax over top-4 per token
+    assert sorted(res.experts) == sorted(sorted(scores, key=scores.get, reverse=True)[:3])
+
+
+def test_preselect_larger_than_the_library_keeps_all(model, tiny_tokenizer, make_library, shots):
+    res = compose(model, tiny_tokenizer, make_library(2), shots,
+                  ComposeConfig(preselect=5, budget=2))  # fmt: skip
+    assert res.experts == ["e0", "e1"] and res.preselection is None
