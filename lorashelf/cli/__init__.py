@@ -74,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.home is None:
         args.home = default_home()
     try:
-        # Verbs that never touch a model (library ls, data ls) set needs_torch=False,
+        # Verbs that never touch a model (library ls, data ls) set needs_runtime=False,
         # so they answer without paying for importing torch.
-        if getattr(args, "needs_torch", True):
+        if getattr(args, "needs_runtime", True):
             from lorashelf.runtime import setup_runtime
 
             setup_runtime(args)

@@ -23,20 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("--sdist", type=Path, default=None, help="a local bigbench-1.0.0.tar.gz")
     pull.add_argument("--index-url", default="https://pypi.org/simple", help="PyPI simple index")
-    pull.set_defaults(func=cmd_pull, needs_torch=False)
+    pull.set_defaults(func=cmd_pull, needs_runtime=False)
 
     ls = verbs.add_parser("ls", help="list known tasks")
     ls.add_argument("--source", default=None, help="only this source, e.g. bigbench")
     ls.add_argument("--kind", choices=["mc", "gen"], default=None)
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ls.set_defaults(func=cmd_ls, needs_torch=False)
+    ls.set_defaults(func=cmd_ls, needs_runtime=False)
 
     show = verbs.add_parser("show", help="print a task's rendered examples")
     show.add_argument("task", help="task id, e.g. bigbench:sports_understanding")
     show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
     show.add_argument("--split", default="test", help="train, valid, test or all")
     show.add_argument("--seed", type=int, default=0, help="split seed")
-    show.set_defaults(func=cmd_show, needs_torch=False)
+    show.set_defaults(func=cmd_show, needs_runtime=False)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
