@@ -33,9 +33,11 @@ from lorashelf.route.stack import Experts, ExpertStack, check_experts, stack_exp
 MIXES = ("output", "params")
 STRATEGIES = ("auto", "dense", "gather")
 # "auto" gathers when a module has more than this many experts per chosen expert:
-# the dense path's cost grows with E, the gather path's with top_k but at a much
-# higher cost per expert (memory-bound); see bench/arrow_forward.py --strategies.
-GATHER_EXPERTS_PER_K = 64
+# the dense path's cost grows with E (two matmuls over all E*r rank columns), the
+# gather path's with top_k but at a much higher cost per expert (it copies each
+# token's factors). On a 2-core CPU, SmolLM2 shapes, rank 4, the crossover was
+# between 128 and 512 experts per chosen one (bench/arrow_forward.py --strategies).
+GATHER_EXPERTS_PER_K = 128
 
 
 @dataclass

@@ -175,3 +175,30 @@ def test_routing_report(model, experts, ids, tmp_path) -> None:
     assert doc["tasks"]["task_a"]["tokens"] == ids.numel()
     with pytest.raises(LorashelfError, match="no routing statistics"):
         save_routing_report({}, tmp_path / "x.json")
+
+
+def test_partial_experts_route_where_they_exist(kit, model, shapes, ids) -> None:
+    q_only = {m: f for m, f in kit.random_factors(shapes, r=2, seed=9).items() if "q_proj" in m}
+    experts = [("full", kit.random_factors(shapes, seed=8)), ("q_only", q_only)]
+    with torch.no_grad(), build_routed_model(model, experts, config=ArrowConfig(top_k=2)) as rm:
+        assert {m: r.prototypes.shape[0] for m, r in rm.routers.items()} == {
+            m: 2 if "q_proj" in m else 1 for m in shapes
+        }
+        with rm.record() as stats:
+            rm(input_ids=ids)
+    for m, w in stats.per_module().items():
+        if "v_proj" in m:
+            assert w == pytest.approx([1.0, 0.0])
+        else:
+            assert w[1] > 0 and sum(w) == pytest.approx(1.0)
+
+
+def test_params_mix_through_build(model, experts, ids) -> None:
+    outs = {}
+    with torch.no_grad():
+        for mix in ("output", "params"):
+            with build_routed_model(model, experts, config=ArrowConfig(top_k=2, mix=mix)) as rm:
+                assert all(layer.state.mix == mix for layer in rm.handle.layers.values())
+                outs[mix] = rm(input_ids=ids).logits
+    assert torch.isfinite(outs["params"]).all()
+    assert (outs["params"] - outs["output"]).abs().max() > 1e-4

@@ -1,0 +1,338 @@
+"""Tokens/s of Arrow routing on SmolLM2-135M over libraries of 8, 32 and 128 experts:
+lorashelf against the base model, one merged expert and PEFT's Arrow, in one run.
+
+Experts are synthetic rank-4 LoRAs on q_proj and v_proj of all 30 layers (alpha 8),
+identical for both implementations (PEFT reads them from PEFT directories written
+here, with ``autocast_adapter_dtype=False`` so it also computes in bf16). Each row
+times the backbone forward (``model.model``: hidden states, no LM head, as
+lorashelf's scorer runs it) of a batch of 8 x 128 tokens: the median of ``--reps``
+runs, each next to a run of the plain base model, and the row's ratio is against
+those neighbours (a shared machine's load hits both alike). Setup is the time to
+prepare the experts (PEFT: loading the adapters; lorashelf: exact prototypes and
+stacking); "tensors" is the memory each adds, "peak" the growth of malloc'd memory
+during one forward (activations). ``--strategies`` times one mixture layer with
+its dense and its gather path for 32 to 1024 experts (the data behind the ``auto``
+crossover in lorashelf.route.mixture); ``--threads 1``
+gives steadier numbers on a machine shared with other jobs.
+
+    .venv/bin/python bench/arrow_forward.py [--quick] [--threads N] [--strategies] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from _common import home, write_json
+from safetensors.torch import save_file
+
+from lorashelf.models import load_base
+from lorashelf.route import ArrowConfig, build_routed_model
+
+TARGETS = ("q_proj", "v_proj")
+RANK, ALPHA = 4, 8
+
+
+class PeakHeap:
+    """Peak growth (bytes) of the memory malloc has handed out while the block runs,
+    sampled every 1 ms (glibc's mallinfo2; falls back to the resident set size)."""
+
+    def __enter__(self) -> PeakHeap:
+        self.start = self.peak = _in_use()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _in_use())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth = max(0, self.peak - self.start)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _in_use() -> int:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+    except (OSError, AttributeError):
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        except OSError:
+            return 0
+
+
+def make_experts(model: torch.nn.Module, n: int, seed: int) -> list[tuple[str, dict]]:
+    from lorashelf.library.factors import LoraFactors
+
+    g = torch.Generator().manual_seed(seed)
+    mods = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS
+    ]
+    out = []
+    for i in range(n):
+        factors = {}
+        for name, m in mods:
+            A = torch.randn(RANK, m.in_features, generator=g) / m.in_features**0.5
+            B = torch.randn(m.out_features, RANK, generator=g) * 0.02
+            factors[name] = LoraFactors(A, B, ALPHA / RANK)
+        out.append((f"expert{i:03d}", factors))
+    return out
+
+
+def write_peft_dirs(experts: list[tuple[str, dict]], root: Path, base_id: str) -> list[str]:
+    from peft import LoraConfig
+
+    paths = []
+    for name, factors in experts:
+        d = root / name
+        cfg = LoraConfig(
+            r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), base_model_name_or_path=base_id
+        )
+        cfg.save_pretrained(str(d))
+        tensors = {}
+        for m, f in factors.items():
+            tensors[f"base_model.model.{m}.lora_A.weight"] = f.A.contiguous()
+            tensors[f"base_model.model.{m}.lora_B.weight"] = f.B.contiguous()
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        paths.append(str(d))
+    return paths
+
+
+def interleaved(fn, ref, reps: int) -> tuple[float, float, int]:
+    """Median seconds of ``fn`` and of ``ref`` timed alternately (so load on a shared
+    machine hits both alike), and the peak RSS growth of one ``fn`` call."""
+    with torch.no_grad():
+        fn(), ref()  # warm-up (PEFT builds its prototypes here)
+        with PeakHeap() as mem:
+            fn()
+        t_fn, t_ref = [], []
+        for _ in range(reps):
+            for f, ts in ((ref, t_ref), (fn, t_fn)):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+    return statistics.median(t_fn), statistics.median(t_ref), mem.growth
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_merged(ref, expert, base_fwd, reps) -> dict:
+    merged = copy.deepcopy(ref)
+    with torch.no_grad():
+        for m, f in expert.items():
+            lin = merged.get_submodule(m)
+            lin.weight += (f.scale * f.B.float() @ f.A.float()).to(lin.weight.dtype)
+    secs, base, mem = interleaved(lambda: merged.model(**BATCH), base_fwd, reps)
+    return {"secs": secs, "base_secs": base, "setup": 0.0, "static": 0, "peak": mem}
+
+
+def run_ours(model, experts, k, base_fwd, reps) -> dict:
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        routed = build_routed_model(model, experts, "arrow", ArrowConfig(top_k=k))
+    setup = time.perf_counter() - t0
+    static = tensor_bytes(b for layer in routed.handle.layers.values() for b in layer.buffers())
+    secs, base, mem = interleaved(lambda: model.model(**BATCH), base_fwd, reps)
+    routed.detach()
+    return {"secs": secs, "base_secs": base, "setup": setup, "static": static, "peak": mem}
+
+
+def load_peft(ref, paths):
+    from peft import ArrowConfig as PeftArrowConfig
+    from peft import create_arrow_model
+
+    t0 = time.perf_counter()
+    cfg = PeftArrowConfig(top_k=1, router_temperature=1.0, rng_seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = create_arrow_model(
+            copy.deepcopy(ref), paths, arrow_config=cfg, autocast_adapter_dtype=False
+        ).eval()
+    return peft, time.perf_counter() - t0
+
+
+def run_peft(peft, setup, k, base_fwd, reps) -> dict:
+    arrows = [m.lora_arrow["arrow_router"] for m in peft.modules() if hasattr(m, "lora_arrow")]
+    for a in arrows:
+        a.top_k = k  # one load per library size; top_k is read at each forward
+    backbone = peft.get_base_model().model
+    secs, base, mem = interleaved(lambda: backbone(**BATCH), base_fwd, reps)
+    lora = [p for n, p in peft.named_parameters() if "lora_" in n]
+    protos = [b for n, b in peft.named_buffers() if n.endswith("prototypes")]
+    static = tensor_bytes(lora + protos)
+    return {"secs": secs, "base_secs": base, "setup": setup, "static": static, "peak": mem}
+
+
+BATCH: dict[str, torch.Tensor] = {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 32, 128])
+    ap.add_argument("--top-k", type=int, nargs="*", default=[2, 4])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="E=8,32 with top-k 4 only")
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--strategies", action="store_true", help="also sweep dense vs gather")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.top_k = [8, 32], [4]
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base("smollm2-135m", home=home(), dtype=torch.bfloat16)
+    model = base.model.eval()
+    ref = copy.deepcopy(model)  # stays plain: the baseline every row is timed against
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    BATCH.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    n_tok = ids.numel()
+    experts_all = make_experts(model, max(args.sizes), seed=0)
+    base_fwd = lambda: ref.model(**BATCH)  # noqa: E731
+    rows: list[dict] = []
+
+    def add(label, E, k, res):
+        rows.append({"method": label, "E": E, "k": k, **res})
+        r = rows[-1]
+        print(
+            f"  {label:20s} E={E!s:>4} k={k!s:>2} {n_tok / r['secs']:8.0f} tok/s "
+            f"{r['secs'] / r['base_secs']:6.2f}x base  setup {r['setup']:6.2f} s",
+            flush=True,
+        )
+
+    add("merged (1 expert)", 1, "-", run_merged(ref, experts_all[0][1], base_fwd, args.reps))
+    with tempfile.TemporaryDirectory() as tmp:
+        for E in args.sizes:
+            peft, setup = None, 0.0
+            if not args.no_peft:
+                paths = write_peft_dirs(experts_all[:E], Path(tmp) / f"E{E}", base.base_id)
+                peft, setup = load_peft(ref, paths)
+            for k in args.top_k:
+                res = run_ours(model, experts_all[:E], k, base_fwd, args.reps)
+                add("lorashelf arrow", E, k, res)
+                if peft is not None:
+                    add("peft arrow", E, k, run_peft(peft, setup, k, base_fwd, args.reps))
+            del peft
+    sweep = strategy_sweep(n_tok) if args.strategies else None
+    report(rows, args, n_tok, sweep)
+
+
+def strategy_sweep(n_tok: int) -> list[dict]:
+    """One q_proj-shaped mixture layer (576 -> 576, rank 4, bf16): dense vs gather path."""
+    from lorashelf.library.factors import LoraFactors
+    from lorashelf.route import ArrowRouter, attach
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_tok, 576, generator=g).to(torch.bfloat16)
+    net = torch.nn.Sequential(torch.nn.Linear(576, 576, bias=False).to(torch.bfloat16))
+    out = []
+    print("\nmixture layer alone (q_proj shape, rank 4, bf16): ms per call")
+    print(f"{'E':>5s} {'k':>2s} {'dense':>8s} {'gather':>8s}")
+    for E in (32, 128, 256, 512, 1024):
+        experts = []
+        for i in range(E):
+            A = torch.randn(4, 576, generator=g) / 24
+            B = torch.randn(576, 4, generator=g) * 0.02
+            experts.append((f"e{i}", {"0": LoraFactors(A, B, 2.0)}))
+        for k in (2, 4):
+            router = ArrowRouter(torch.randn(E, 576, generator=g), k, 1.0)
+            ms = {}
+            for strategy in ("dense", "gather"):
+                with attach(net, experts, routers={"0": router}, strategy=strategy):
+                    secs, _, _ = interleaved(lambda: net(x), lambda: None, 5)
+                ms[strategy] = secs * 1e3
+            out.append({"E": E, "k": k, **ms})
+            print(f"{E:5d} {k:2d} {ms['dense']:8.2f} {ms['gather']:8.2f}", flush=True)
+    return out
+
+
+def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None:
+    base_secs = statistics.median(r["base_secs"] for r in rows)
+    for r in rows:
+        r["tok_s"] = n_tok / r["secs"]
+        r["time_vs_base"] = r["secs"] / r["base_secs"]  # against the adjacent base runs
+    peft = {(r["E"], r["k"]): r for r in rows if r["method"] == "peft arrow"}
+    for r in rows:
+        p = peft.get((r["E"], r["k"])) if r["method"].startswith("lorashelf") else None
+        r["peft_over_ours"] = p["time_vs_base"] / r["time_vs_base"] if p else None
+    print(
+        f"\nSmolLM2-135M bf16, backbone forward of {args.batch} x {args.seq} tokens, "
+        f"rank-{RANK} experts on {'+'.join(TARGETS)} x 30 layers, {torch.get_num_threads()} "
+        f"threads, median of {args.reps} runs interleaved with the base model's"
+    )
+    print(
+        f"{'method':20s} {'E':>4s} {'k':>2s} {'tok/s':>7s} {'time/base':>9s} {'PEFT/ours':>9s} "
+        f"{'setup s':>7s} {'tensors MB':>10s} {'peak MB':>7s}"
+    )
+    print(f"{'base':20s} {'-':>4s} {'-':>2s} {n_tok / base_secs:7.0f} {1.0:8.2f}x")
+    for r in rows:
+        vs = f"{r['peft_over_ours']:8.2f}x" if r["peft_over_ours"] else " " * 9
+        print(
+            f"{r['method']:20s} {r['E']!s:>4s} {r['k']!s:>2s} {r['tok_s']:7.0f} "
+            f"{r['time_vs_base']:8.2f}x {vs} {r['setup']:7.2f} {r['static'] / 2**20:10.1f} "
+            f"{r['peak'] / 2**20:7.0f}"
+        )
+    t = next(
+        (r for r in rows if r["method"] == "lorashelf arrow" and (r["E"], r["k"]) == (32, 4)), None
+    )
+    if t:
+        msg = f"RESULT arrow_forward: E=32 k=4: lorashelf {t['time_vs_base']:.2f}x base time (target <= 1.25x)"
+        if t["peft_over_ours"]:
+            msg += f", {t['peft_over_ours']:.2f}x faster than PEFT's Arrow (target >= 2x)"
+        print(msg)
+    write_json(
+        args.json,
+        {
+            "name": "arrow_forward",
+            "tokens_per_batch": n_tok,
+            "base_tok_s": n_tok / base_secs,
+            "rows": rows,
+            "strategy_sweep_ms": sweep,
+            "baseline": "SmolLM2-135M backbone forward (same run, interleaved); PEFT create_arrow_model",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
