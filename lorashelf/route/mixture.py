@@ -12,15 +12,18 @@ experts' ``A`` are one ``(E*r) x d_in`` matrix, so one matmul gives every expert
 r-dim projection, which is weighted and sent through one ``d_out x (E*r)`` matmul
 ("dense" strategy). For a router's top-k over very many experts the layer can gather
 only the chosen experts' factors per token instead ("gather"); ``auto`` picks by the
-crossover measured in bench/arrow_forward.py. ``mix="params"`` mixes the factors
-instead of the outputs, as mttl does (``B_mix A_mix x`` with ``A_mix = sum w_e A_e``,
-``B_mix = sum w_e scale_e B_e``), computed without forming the mixed matrices.
+crossover measured in bench/arrow_forward.py. Fixed weights that need no gradient
+are folded into the factors of the experts with a nonzero weight (once per
+``set_weights``), so an oracle's one-hot weights cost one expert. ``mix="params"``
+mixes the factors instead of the outputs, as mttl does (``B_mix A_mix x`` with
+``A_mix = sum w_e A_e``, ``B_mix = sum w_e scale_e B_e``), computed without forming
+per-token mixed matrices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +53,7 @@ class MixtureState:
     weights: torch.Tensor | None = None  # (E,) or (batch, E)
     routed: bool = False
     recorder: Any = None  # lorashelf.route.stats.Recorder while recording
-    extras: dict[str, Any] = field(default_factory=dict)
+    version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
 
 
 class MixtureLinear(nn.Module):
@@ -76,6 +79,7 @@ class MixtureLinear(nn.Module):
         members = torch.tensor(stack.members, dtype=torch.long)
         self.register_buffer("members", members.to(w.device), False)
         self.complete = list(stack.members) == list(range(state.n_experts))
+        self._folded: tuple[tuple, torch.Tensor | None, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -91,6 +95,11 @@ class MixtureLinear(nn.Module):
         elif st.weights is not None:
             w = self._local(st.weights, x)
             self._record(w, x)
+            if w.dim() == 1 and not w.requires_grad:
+                A, B = self._fold(w, x.dtype)
+                if A is None:
+                    return y
+                return y + nn.functional.linear(nn.functional.linear(x, A), B).to(y.dtype)
         else:
             raise LorashelfError(
                 "the mixture has no weights: call set_weights(...) or set_routers(...) first"
@@ -111,6 +120,31 @@ class MixtureLinear(nn.Module):
                 "search and num_return_sequences > 1 change the batch size)"
             )
         return w.reshape(w.shape[0], *([1] * (x.dim() - 2)), w.shape[-1])
+
+    def _fold(
+        self, w: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Fixed weights without gradient: the factors of only the experts with a nonzero
+        weight, weights folded into B (output mix) or both factors mixed (params mix);
+        cached until the weights change, so a one-hot oracle costs one expert."""
+        # in-place edits of the weights bump their _version; moving or casting the model
+        # gives the buffers new storage
+        key = (self.state.version, self.state.weights._version, self.A_all.data_ptr(), dtype)
+        if self._folded is None or self._folded[0] != key:
+            e, r = self.n_local, self.rank
+            A = self.A_all.view(e, r, -1)
+            B = self.B_all.view(-1, e, r)
+            keep = torch.nonzero(w).flatten()
+            wk = w[keep].float()
+            if keep.numel() == 0:
+                folded = None, None
+            elif self.state.mix == "output":
+                folded = A[keep].flatten(0, 1), (B[:, keep].float() * wk[:, None]).flatten(1)
+            else:
+                a = torch.einsum("e,erd->rd", wk, A[keep].float())
+                folded = a, torch.einsum("e,oer->or", wk, B[:, keep].float())
+            self._folded = (key, *(t if t is None else t.to(dtype) for t in folded))
+        return self._folded[1], self._folded[2]
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         e, r = self.n_local, self.rank
@@ -188,6 +222,7 @@ class MixtureHandle:
                 f"got {tuple(w.shape)}"
             )
         self.state.weights, self.state.routed = w, False
+        self.state.version += 1
 
     def set_routers(self, routers: Mapping[str, Router]) -> None:
         """Per-token routing: one router per module path (modules without one add nothing)."""
@@ -200,6 +235,7 @@ class MixtureHandle:
                 router.to(layer.A_all.device)
             layer.router = router
         self.state.weights, self.state.routed = None, True
+        self.state.version += 1
 
     def detach(self) -> None:
         """Put the original modules back (idempotent)."""

@@ -55,6 +55,25 @@ def test_fixed_weights_equal_per_expert_sum(kit) -> None:
         torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mix", ["output", "params"])
+def test_fixed_weights_fast_path(kit, mix: str) -> None:
+    """Fixed weights without gradient skip zero-weight experts and fold the weights into
+    the factors; the result equals the general path (weights that require grad)."""
+    net, experts = Net(), layer_experts(kit, ranks=(4, 2, 4, 3))
+    x = torch.randn(2, 5, D_IN)
+    for w in ([0.0, 1.0, 0.0, 0.0], [0.5, 0.0, -1.0, 2.0], [0.0] * 4):
+        w = torch.tensor(w)
+        with attach(net, experts, weights=w.clone().requires_grad_(True), mix=mix):
+            with torch.no_grad():
+                want = net(x)
+        with torch.no_grad(), attach(net, experts, weights=w, mix=mix):
+            torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), attach(net, experts, weights=torch.zeros(4)) as handle:
+        assert torch.equal(net(x), net.proj.base_layer(x))
+        handle.state.weights[1] = 1.0  # an in-place edit is seen (no stale cache)
+        torch.testing.assert_close(net(x), manual(net, experts, x, handle.state.weights))
+
+
 def test_per_sequence_weights_equal_each_sequence_alone(kit) -> None:
     net, experts = Net(), layer_experts(kit)
     x = torch.randn(3, 5, D_IN)
