@@ -28,9 +28,10 @@ class TrainConfig:
     """One LoRA training run. ``alpha=None`` means ``2 * rank`` (a LoRA scale of 2).
 
     ``steps`` or ``epochs`` (exactly one) sets the length; ``warmup`` is a fraction of
-    the steps. ``dtype`` is the compute dtype of the forward pass ("auto": bf16 where
-    the device computes it natively, fp16 on older GPUs); LoRA weights and the
-    optimizer state always stay fp32. ``split_seed`` picks the train/valid/test cut
+    the steps. ``dtype`` is the autocast dtype of the forward pass ("auto": none for a
+    base already loaded in bf16/fp16, else bf16 where the device computes it natively,
+    fp16 on older GPUs; "fp32": no autocast); LoRA weights and the optimizer state
+    always stay fp32. ``split_seed`` picks the train/valid/test cut
     and must match the one evaluation uses, or test examples leak into training.
     ``bucket`` groups examples of similar length into a batch (less padding).
     """

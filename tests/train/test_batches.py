@@ -126,3 +126,13 @@ def test_config_checks_and_card():
         with pytest.raises(LorashelfError):
             TrainConfig(**bad)
     assert TrainConfig(steps=None, epochs=2.0).total_steps(9) == 3  # ceil(2 * 9 / 8)
+
+
+def test_autocast_choice():
+    from lorashelf.train.trainer import compute_dtype
+
+    cpu = torch.device("cpu")
+    assert compute_dtype(TrainConfig(), cpu, torch.bfloat16) == torch.float32  # no autocast
+    assert compute_dtype(TrainConfig(), cpu, torch.float32) == torch.bfloat16
+    assert compute_dtype(TrainConfig(dtype="fp32"), cpu, torch.float32) == torch.float32
+    assert compute_dtype(TrainConfig(dtype="bf16"), cpu, torch.bfloat16) == torch.bfloat16
