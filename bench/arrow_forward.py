@@ -317,7 +317,10 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
         (r for r in rows if r["method"] == "lorashelf arrow" and (r["E"], r["k"]) == (32, 4)), None
     )
     if t:
-        msg = f"RESULT arrow_forward: E=32 k=4: lorashelf {t['time_vs_base']:.2f}x base time (target <= 1.25x)"
+        msg = (
+            f"RESULT arrow_forward: E=32 k=4: lorashelf {t['time_vs_base']:.2f}x base time "
+            "(target <= 1.25x)"
+        )
         if t["peft_over_ours"]:
             msg += f", {t['peft_over_ours']:.2f}x faster than PEFT's Arrow (target >= 2x)"
         print(msg)
@@ -329,7 +332,8 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
             "base_tok_s": n_tok / base_secs,
             "rows": rows,
             "strategy_sweep_ms": sweep,
-            "baseline": "SmolLM2-135M backbone forward (same run, interleaved); PEFT create_arrow_model",
+            "baseline": "SmolLM2-135M backbone forward (same run, interleaved); "
+            "PEFT create_arrow_model",
         },
     )
 

@@ -69,9 +69,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     experts = make_library(args.experts)
     pairs = [(n, m, f) for n, fs in experts for m, f in fs.items()]
-    print(
-        f"{len(experts)} experts x {LAYERS} layers x {len(SHAPES)} modules = {len(pairs)} prototypes"
-    )
+    n_mod = len(SHAPES)
+    print(f"{len(experts)} experts x {LAYERS} layers x {n_mod} modules = {len(pairs)} prototypes")
 
     t0 = time.perf_counter()
     ours = arrow_prototypes(experts)
@@ -114,9 +113,8 @@ def main() -> None:
             worst(exact, dense),
         ),
     ]
-    print(
-        f"\n{'method':38s} {'seconds':>9s} {'vs ours':>9s} {'worst |cos| dense':>17s} {'worst |cos| ours':>16s}"
-    )
+    cols = f"{'seconds':>9s} {'vs ours':>9s} {'worst |cos| dense':>17s} {'worst |cos| ours':>16s}"
+    print(f"\n{'method':38s} {cols}")
     for name, secs, c_dense, c_ours in rows:
         print(f"{name:38s} {secs:9.2f} {secs / t_ours:8.1f}x {c_dense:17.6f} {c_ours:16.6f}")
     print(

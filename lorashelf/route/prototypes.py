@@ -50,10 +50,10 @@ def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor
 
 
 def _compute(
-    jobs: Sequence[tuple[str, str, Factors]], device: torch.device | str | None
-) -> dict[tuple[str, str], torch.Tensor]:
-    """Prototypes of (expert key, module, factors) jobs, batched by factor shapes."""
-    groups: dict[tuple, list[tuple[str, str, Factors]]] = {}
+    jobs: Sequence[tuple[int, str, Factors]], device: torch.device | str | None
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Prototypes of (expert index, module, factors) jobs, batched by factor shapes."""
+    groups: dict[tuple, list[tuple[int, str, Factors]]] = {}
     for job in jobs:
         groups.setdefault((tuple(job[2].A.shape), tuple(job[2].B.shape)), []).append(job)
     out = {}
@@ -80,37 +80,39 @@ def arrow_prototypes(
     Rows follow the experts' order, over the experts adapting that module (the
     order of :class:`~lorashelf.route.stack.ExpertStack` members). With
     ``cache_path`` and ``checksums`` (one per expert), prototypes of experts already
-    in the cache file are read from it and the new ones are computed and added.
-    Tensors are returned on the CPU.
+    in the cache file are read from it and the new ones are computed and added; an
+    expert whose checksum is empty is computed and not cached. Tensors are returned
+    on the CPU.
     """
     names = check_experts(experts)
     if cache_path is not None and checksums is None:
         raise LorashelfError("a prototype cache needs one checksum per expert; pass checksums")
     if checksums is not None and len(checksums) != len(names):
         raise LorashelfError(f"got {len(checksums)} checksums for {len(names)} experts")
-    keys = list(checksums) if checksums is not None else names
-    cached = read_cache(cache_path, keys, experts) if cache_path is not None else {}
+    sums = [c or None for c in checksums] if checksums is not None else [None] * len(names)
+    cached = read_cache(cache_path, sums, experts) if cache_path is not None else {}
     todo = [
-        (k, m, f)
-        for k, (_, fs) in zip(keys, experts)
+        (i, m, f)
+        for i, (_, fs) in enumerate(experts)
         for m, f in fs.items()
-        if (k, m) not in cached
+        if (i, m) not in cached
     ]
     fresh = _compute(todo, device)
-    if cache_path is not None and fresh:
-        write_cache(cache_path, fresh)
+    storable = {(sums[i], m): p for (i, m), p in fresh.items() if sums[i]}
+    if cache_path is not None and storable:
+        write_cache(cache_path, storable)
     protos = {**cached, **fresh}
-    modules = sorted({m for _, fs in experts for m in fs})
     return {
-        m: torch.stack([protos[(k, m)] for k, (_, fs) in zip(keys, experts) if m in fs]).float()
-        for m in modules
+        m: torch.stack([protos[(i, m)] for i, (_, fs) in enumerate(experts) if m in fs]).float()
+        for m in sorted({m for _, fs in experts for m in fs})
     }
 
 
 def read_cache(
-    path: str | os.PathLike[str], keys: Sequence[str], experts: Experts
-) -> dict[tuple[str, str], torch.Tensor]:
-    """Cached prototypes of the experts whose every module is in the file."""
+    path: str | os.PathLike[str], checksums: Sequence[str | None], experts: Experts
+) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(expert index, module): prototype}`` for the experts (with a checksum) whose
+    every module is in the cache file."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -122,10 +124,9 @@ def read_cache(
                 f"{path} is not an Arrow prototype cache ({CACHE_FORMAT}); delete it to rebuild"
             )
         stored = set(f.keys())
-        for key, (_, factors) in zip(keys, experts):
-            wanted = [f"{key}/{m}" for m in factors]
-            if all(w in stored for w in wanted):
-                out.update({(key, m): f.get_tensor(f"{key}/{m}") for m in factors})
+        for i, (key, (_, factors)) in enumerate(zip(checksums, experts)):
+            if key and all(f"{key}/{m}" in stored for m in factors):
+                out.update({(i, m): f.get_tensor(f"{key}/{m}") for m in factors})
     return out
 
 

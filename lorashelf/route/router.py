@@ -18,11 +18,12 @@ and a ``build`` function, plus one ``ROUTERS.register(name)`` entry:
 ``ctx.experts`` is the list of ``(name, {module path: factors})``, ``ctx.stacks`` maps
 each adapted module path to its :class:`~lorashelf.route.stack.ExpertStack` (the
 experts present there, stacked); the returned dict maps module paths to routers
-(a module without a router adds nothing). A router is any callable (an ``nn.Module`` if it holds tensors, so it moves
-with the model) that takes the layer input ``x [..., d_in]`` and returns weights
-``[..., E_m]`` over the module's ``E_m`` present experts, in ``stack.members`` order,
-zero for experts not chosen. It exposes ``top_k`` (``int``, or ``None`` when its
-weights are dense), which lets the mixture layer gather only the chosen experts.
+(a module without a router adds nothing). A router is any callable (an
+``nn.Module`` if it holds tensors, so it moves with the model) that takes the layer
+input ``x [..., d_in]`` and returns weights ``[..., E_m]`` over the module's ``E_m``
+present experts, in ``stack.members`` order, zero for experts not chosen. It
+exposes ``top_k`` (``int``, or ``None`` when its weights are dense), which lets the
+mixture layer gather only the chosen experts.
 """
 
 from __future__ import annotations

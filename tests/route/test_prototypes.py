@@ -97,7 +97,7 @@ def test_cache_computes_only_new_experts(tmp_path, shapes, monkeypatch, kit) -> 
     real = P._compute
 
     def spy(jobs, device):
-        computed.extend(sorted({k for k, _, _ in jobs}))
+        computed.extend(sorted({sums[i] for i, _, _ in jobs}))
         return real(jobs, device)
 
     monkeypatch.setattr(P, "_compute", spy)
@@ -114,6 +114,14 @@ def test_cache_computes_only_new_experts(tmp_path, shapes, monkeypatch, kit) -> 
     computed.clear()
     arrow_prototypes(experts[::-1], checksums=sums[::-1], cache_path=cache)
     assert computed == []
+    # an expert without a checksum is computed every time and never stored
+    computed.clear()
+    extra = ("e3", random_factors(shapes, seed=3))
+    sums.append("")
+    for _ in range(2):
+        out = arrow_prototypes(experts + [extra], checksums=sums, cache_path=cache)
+    assert computed == ["", ""]
+    torch.testing.assert_close(out, arrow_prototypes(experts + [extra]))
 
 
 def test_cache_errors(tmp_path, shapes, kit) -> None:
