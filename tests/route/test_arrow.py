@@ -202,3 +202,25 @@ def test_params_mix_through_build(model, experts, ids) -> None:
                 outs[mix] = rm(input_ids=ids).logits
     assert torch.isfinite(outs["params"]).all()
     assert (outs["params"] - outs["output"]).abs().max() > 1e-4
+
+
+def test_scoring_with_shared_prompt_cache_matches_plain(kit, tiny_model, tiny_tokenizer) -> None:
+    """Per-token routing is independent of batching and of the KV cache: the scorer's
+    prompt-sharing path gives the plain path's log-probabilities, and stats see the
+    same real tokens."""
+    from lorashelf.evaluate.scoring import score_continuations
+
+    model = copy.deepcopy(tiny_model)
+    shapes = kit.module_shapes(model)
+    experts = [(f"e{i}", kit.random_factors(shapes, seed=20 + i)) for i in range(3)]
+    pairs = [("The cat sat on", " the mat"), ("The cat sat on", " a hat"), ("Go", " home now")]
+    with build_routed_model(model, experts, config=ArrowConfig(top_k=2)) as rm:
+        with rm.record() as shared_stats:
+            shared = score_continuations(rm, tiny_tokenizer, pairs, batch_size=2)
+        plain = score_continuations(rm, tiny_tokenizer, pairs, batch_size=1, share_prompt=False)
+    for a, b in zip(shared, plain):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    # prompts run once each (+ BOS), continuations once each
+    n_prompt = sum(len(tiny_tokenizer(p)["input_ids"]) for p in ("The cat sat on", "Go"))
+    n_cont = sum(len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in pairs)
+    assert shared_stats.tokens == n_prompt + n_cont
