@@ -7,13 +7,13 @@ here, with ``autocast_adapter_dtype=False`` so it also computes in bf16). Each r
 times the backbone forward (``model.model``: hidden states, no LM head, as
 lorashelf's scorer runs it) of a batch of 8 x 128 tokens: the median of ``--reps``
 runs, each next to a run of the plain base model, and the row's ratio is against
-those neighbours (a shared machine's load hits both alike). Setup is the time to
-prepare the experts (PEFT: loading the adapters; lorashelf: exact prototypes and
-stacking); "tensors" is the memory each adds, "peak" the growth of malloc'd memory
-during one forward (activations). ``--strategies`` times one mixture layer with
-its dense and its gather path for 32 to 1024 experts (the data behind the ``auto``
-crossover in lorashelf.route.mixture); ``--threads 1``
-gives steadier numbers on a machine shared with other jobs.
+those neighbours (a shared machine's load hits both alike); cpu/base is the same
+ratio in process CPU time, the steadier measure under load with ``--threads 1``.
+Setup is the time to prepare the experts (PEFT: loading the adapters; lorashelf:
+exact prototypes and stacking); "tensors" is the memory each adds, "peak" the growth
+of malloc'd memory during one forward (activations). ``--strategies`` times one
+mixture layer with its dense and its gather path for 32 to 1024 experts (the data
+behind the ``auto`` crossover in lorashelf.route.mixture).
 
     .venv/bin/python bench/arrow_forward.py [--quick] [--threads N] [--strategies] [--json OUT]
 """
@@ -132,20 +132,29 @@ def write_peft_dirs(experts: list[tuple[str, dict]], root: Path, base_id: str) -
     return paths
 
 
-def interleaved(fn, ref, reps: int) -> tuple[float, float, int]:
-    """Median seconds of ``fn`` and of ``ref`` timed alternately (so load on a shared
-    machine hits both alike), and the peak RSS growth of one ``fn`` call."""
+def interleaved(fn, ref, reps: int) -> dict:
+    """Median wall and process-CPU seconds of ``fn`` and of ``ref``, timed alternately
+    (so load on a shared machine hits both alike), and the peak memory growth of one
+    ``fn`` call. CPU time counts only this process's work: with one thread it is the
+    steadier measure when other jobs share the cores."""
     with torch.no_grad():
         fn(), ref()  # warm-up (PEFT builds its prototypes here)
         with PeakHeap() as mem:
             fn()
-        t_fn, t_ref = [], []
+        t = {"fn": [], "ref": [], "fn_cpu": [], "ref_cpu": []}
         for _ in range(reps):
-            for f, ts in ((ref, t_ref), (fn, t_fn)):
-                t0 = time.perf_counter()
+            for f, key in ((ref, "ref"), (fn, "fn")):
+                t0, c0 = time.perf_counter(), time.process_time()
                 f()
-                ts.append(time.perf_counter() - t0)
-    return statistics.median(t_fn), statistics.median(t_ref), mem.growth
+                t[key].append(time.perf_counter() - t0)
+                t[key + "_cpu"].append(time.process_time() - c0)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {
+        "secs": med["fn"],
+        "base_secs": med["ref"],
+        "cpu_vs_base": med["fn_cpu"] / med["ref_cpu"],
+        "peak": mem.growth,
+    }
 
 
 def tensor_bytes(tensors) -> int:
@@ -158,8 +167,8 @@ def run_merged(ref, expert, base_fwd, reps) -> dict:
         for m, f in expert.items():
             lin = merged.get_submodule(m)
             lin.weight += (f.scale * f.B.float() @ f.A.float()).to(lin.weight.dtype)
-    secs, base, mem = interleaved(lambda: merged.model(**BATCH), base_fwd, reps)
-    return {"secs": secs, "base_secs": base, "setup": 0.0, "static": 0, "peak": mem}
+    timing = interleaved(lambda: merged.model(**BATCH), base_fwd, reps)
+    return {**timing, "setup": 0.0, "static": 0}
 
 
 def run_ours(model, experts, k, base_fwd, reps) -> dict:
@@ -169,9 +178,9 @@ def run_ours(model, experts, k, base_fwd, reps) -> dict:
         routed = build_routed_model(model, experts, "arrow", ArrowConfig(top_k=k))
     setup = time.perf_counter() - t0
     static = tensor_bytes(b for layer in routed.handle.layers.values() for b in layer.buffers())
-    secs, base, mem = interleaved(lambda: model.model(**BATCH), base_fwd, reps)
+    timing = interleaved(lambda: model.model(**BATCH), base_fwd, reps)
     routed.detach()
-    return {"secs": secs, "base_secs": base, "setup": setup, "static": static, "peak": mem}
+    return {**timing, "setup": setup, "static": static}
 
 
 def load_peft(ref, paths):
@@ -193,11 +202,10 @@ def run_peft(peft, setup, k, base_fwd, reps) -> dict:
     for a in arrows:
         a.top_k = k  # one load per library size; top_k is read at each forward
     backbone = peft.get_base_model().model
-    secs, base, mem = interleaved(lambda: backbone(**BATCH), base_fwd, reps)
+    timing = interleaved(lambda: backbone(**BATCH), base_fwd, reps)
     lora = [p for n, p in peft.named_parameters() if "lora_" in n]
     protos = [b for n, b in peft.named_buffers() if n.endswith("prototypes")]
-    static = tensor_bytes(lora + protos)
-    return {"secs": secs, "base_secs": base, "setup": setup, "static": static, "peak": mem}
+    return {**timing, "setup": setup, "static": tensor_bytes(lora + protos)}
 
 
 BATCH: dict[str, torch.Tensor] = {}
@@ -280,8 +288,7 @@ def strategy_sweep(n_tok: int) -> list[dict]:
             ms = {}
             for strategy in ("dense", "gather"):
                 with attach(net, experts, routers={"0": router}, strategy=strategy):
-                    secs, _, _ = interleaved(lambda: net(x), lambda: None, 5)
-                ms[strategy] = secs * 1e3
+                    ms[strategy] = interleaved(lambda: net(x), lambda: None, 5)["secs"] * 1e3
             out.append({"E": E, "k": k, **ms})
             print(f"{E:5d} {k:2d} {ms['dense']:8.2f} {ms['gather']:8.2f}", flush=True)
     return out
@@ -296,6 +303,7 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
     for r in rows:
         p = peft.get((r["E"], r["k"])) if r["method"].startswith("lorashelf") else None
         r["peft_over_ours"] = p["time_vs_base"] / r["time_vs_base"] if p else None
+        r["peft_over_ours_cpu"] = p["cpu_vs_base"] / r["cpu_vs_base"] if p else None
     print(
         f"\nSmolLM2-135M bf16, backbone forward of {args.batch} x {args.seq} tokens, "
         f"rank-{RANK} experts on {'+'.join(TARGETS)} x 30 layers, {torch.get_num_threads()} "
@@ -303,15 +311,16 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
     )
     print(
         f"{'method':20s} {'E':>4s} {'k':>2s} {'tok/s':>7s} {'time/base':>9s} {'PEFT/ours':>9s} "
-        f"{'setup s':>7s} {'tensors MB':>10s} {'peak MB':>7s}"
+        f"{'cpu/base':>8s} {'PEFT/ours':>9s} {'setup s':>7s} {'tensors MB':>10s} {'peak MB':>7s}"
     )
     print(f"{'base':20s} {'-':>4s} {'-':>2s} {n_tok / base_secs:7.0f} {1.0:8.2f}x")
     for r in rows:
         vs = f"{r['peft_over_ours']:8.2f}x" if r["peft_over_ours"] else " " * 9
+        vs_cpu = f"{r['peft_over_ours_cpu']:8.2f}x" if r["peft_over_ours_cpu"] else " " * 9
         print(
             f"{r['method']:20s} {r['E']!s:>4s} {r['k']!s:>2s} {r['tok_s']:7.0f} "
-            f"{r['time_vs_base']:8.2f}x {vs} {r['setup']:7.2f} {r['static'] / 2**20:10.1f} "
-            f"{r['peak'] / 2**20:7.0f}"
+            f"{r['time_vs_base']:8.2f}x {vs} {r['cpu_vs_base']:7.2f}x {vs_cpu} {r['setup']:7.2f} "
+            f"{r['static'] / 2**20:10.1f} {r['peak'] / 2**20:7.0f}"
         )
     t = next(
         (r for r in rows if r["method"] == "lorashelf arrow" and (r["E"], r["k"]) == (32, 4)), None
@@ -323,6 +332,9 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
         )
         if t["peft_over_ours"]:
             msg += f", {t['peft_over_ours']:.2f}x faster than PEFT's Arrow (target >= 2x)"
+        msg += f"; CPU time {t['cpu_vs_base']:.2f}x base"
+        if t["peft_over_ours_cpu"]:
+            msg += f", {t['peft_over_ours_cpu']:.2f}x less than PEFT's"
         print(msg)
     write_json(
         args.json,

@@ -38,9 +38,9 @@ STRATEGIES = ("auto", "dense", "gather")
 # "auto" gathers when a module has more than this many experts per chosen expert:
 # the dense path's cost grows with E (two matmuls over all E*r rank columns), the
 # gather path's with top_k but at a much higher cost per expert (it copies each
-# token's factors). On a 2-core CPU, SmolLM2 shapes, rank 4, the crossover was
-# between 128 and 512 experts per chosen one (bench/arrow_forward.py --strategies).
-GATHER_EXPERTS_PER_K = 128
+# token's factors). On a 2-core CPU, SmolLM2 shapes, rank 4, dense was faster at 128
+# experts per chosen one and gather at 256 (bench/arrow_forward.py --strategies).
+GATHER_EXPERTS_PER_K = 192
 
 
 @dataclass
