@@ -139,8 +139,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lorashelf.compose import resolve_experts
-    from lorashelf.compose.baselines import FEWSHOT_METHODS, FewShotOptions
-    from lorashelf.compose.fewshot import FewShotConfig, fewshot_table, run_fewshot
+    from lorashelf.compose.baselines import FewShotOptions
+    from lorashelf.compose.fewshot import FewShotConfig, all_methods, fewshot_table, run_fewshot
     from lorashelf.config import write_json_atomic
     from lorashelf.data import load_task
     from lorashelf.errors import LorashelfError
@@ -154,7 +154,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     methods = (
         tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.methods
-        else tuple(FEWSHOT_METHODS.names())
+        else all_methods()
     )
     options = FewShotOptions(lora_steps=args.lora_steps, lora_lr=args.lora_lr)
     fs = FewShotConfig(shots=args.shots, seeds=args.seeds, methods=methods, options=options)

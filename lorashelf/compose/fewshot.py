@@ -10,6 +10,7 @@ over seeds of the accuracy and of the gold NLL. Methods that ignore the shots
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,12 @@ Evaluate = Callable[[Any, Any, Task], dict[str, Any]]
 DEFAULT_METHODS = ("zero-shot", "icl", "uniform", "lorahub", "gradient", "lora")
 
 
+def all_methods() -> tuple[str, ...]:
+    """Every registered method: the paper's order first, then any added later."""
+    extra = [m for m in FEWSHOT_METHODS.names() if m not in DEFAULT_METHODS]
+    return (*[m for m in DEFAULT_METHODS if m in FEWSHOT_METHODS], *extra)
+
+
 @dataclass(frozen=True)
 class FewShotConfig:
     shots: int = 5
@@ -53,12 +60,13 @@ class FewShotConfig:
 
 def run_method(spec: FewShotMethod, ctx: FewShotContext, evaluate: Evaluate) -> dict[str, Any]:
     """Build one method, score it, restore the base model (also on errors)."""
+    start = time.perf_counter()
     built = spec.build(ctx)
     try:
         scores = evaluate(built.model, ctx.base.tokenizer, built.task)
     finally:
         built.close()
-    return {**scores, "info": built.info}
+    return {**scores, "seconds": time.perf_counter() - start, "info": built.info}
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -106,6 +114,8 @@ def run_fewshot(
                 per_method[spec.name] = summarise(runs)
             report["tasks"][task.id] = per_method
     report["mean"] = _means(report["tasks"], [s.name for s in specs])
+    report["methods"] = as_eval_results(report["tasks"], {t.id: t.kind for t in tasks})
+    report["lorahub_weights"] = mean_weights(report["tasks"])
     report["config"] = {"fewshot": to_dict(config), "compose": to_dict(compose_config)}
     report["experts"] = [n for n, _ in experts]
     return report
@@ -116,6 +126,42 @@ def _means(tasks: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, di
     return {
         m: {k: sum(t[m][k] for t in tasks.values()) / len(tasks) for k in keys} for m in methods
     }
+
+
+def as_eval_results(
+    tasks: dict[str, dict[str, Any]], kinds: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One ``EvalResult.to_json()``-shaped entry per method (mean over seeds), so reports
+    built for ``lorashelf eval`` results read these too; bests go under ``meta``."""
+    methods = list(next(iter(tasks.values()))) if tasks else []
+    out = []
+    for m in methods:
+        per_task, best = {}, {}
+        for task_id, per_method in tasks.items():
+            s = per_method[m]
+            per_task[task_id] = {
+                "n": s["runs"][0]["n"],
+                "accuracy": s["mean_accuracy"],
+                "nll": s["mean_nll"],
+                "kind": kinds[task_id],
+                "seconds": sum(r["seconds"] for r in s["runs"]),
+            }
+            best[task_id] = {"accuracy": s["best_accuracy"], "nll": s["best_nll"]}
+        meta = {"aggregate": "mean over seeds", "seeds": len(s["runs"]), "best": best}
+        out.append({"method": m, "tasks": per_task, "meta": meta})
+    return out
+
+
+def mean_weights(tasks: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """LoraHub's weight per expert, averaged over seeds, per task."""
+    out = {}
+    for task_id, per_method in tasks.items():
+        runs = per_method.get("lorahub", {}).get("runs", [])
+        ws = [r["info"]["weights"] for r in runs if "weights" in r.get("info", {})]
+        if ws:
+            names = sorted({n for w in ws for n in w})
+            out[task_id] = {n: sum(w.get(n, 0.0) for w in ws) / len(ws) for n in names}
+    return out
 
 
 def fewshot_table(report: dict[str, Any], title: str = "few-shot comparison") -> Any:

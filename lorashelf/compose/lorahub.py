@@ -31,7 +31,7 @@ from lorashelf.compose.gradient import adam_search
 from lorashelf.compose.optimisers import OPTIMISERS, Optimiser
 from lorashelf.compose.preselect import PRESELECTORS, preselect
 from lorashelf.compose.scoring import PopulationScorer
-from lorashelf.compose.shots import encode_shots, fingerprint, model_context
+from lorashelf.compose.shots import ShotBatch, encode_shots, fingerprint, model_context
 from lorashelf.config import to_dict
 from lorashelf.data.task import Example
 from lorashelf.errors import LorashelfError, did_you_mean
@@ -147,11 +147,8 @@ def compose(
     )
     was_training = base_model.training
     base_model.eval()
-    scores = None
     try:
-        if config.preselect is not None and config.preselect < len(experts):
-            keep, scores = preselect(base_model, experts, shots, config)
-            experts = [experts[i] for i in keep]
+        experts, scores = _preselected(base_model, experts, shots, config)
         with PopulationScorer(
             base_model, experts, shots, mix=config.mix, loss=config.loss, chunk=config.chunk
         ) as scorer:
@@ -178,6 +175,16 @@ def compose(
         expert_rank=max(f.rank for _, fs in experts for f in fs.values()),
         preselection=scores,
     )
+
+
+def _preselected(
+    model: nn.Module, experts: list, shots: ShotBatch, config: ComposeConfig
+) -> tuple[list, dict[str, float] | None]:
+    """The experts kept by ``config.preselect`` (all if it is None or >= their number)."""
+    if config.preselect is None or config.preselect >= len(experts):
+        return experts, None
+    keep, scores = preselect(model, experts, shots, config)
+    return [experts[i] for i in keep], scores
 
 
 def search(

@@ -5,7 +5,8 @@ nevergrad's ``NGOpt`` (the paper describes CMA-ES), starting from all-zero weigh
 inside ``[-1.5, 1.5]``. ``ngopt`` is that search: with ``popsize=None`` it asks for
 one candidate at a time, as the reference's ``minimize`` does (nevergrad then picks
 its sequential algorithm; in nevergrad 1.0 that is Cobyla), and recommends what
-nevergrad recommends. ``cma`` runs CMA-ES from the ``cma`` package and asks for a
+nevergrad recommends; ``popsize=P`` declares P workers and asks P candidates per
+round (nevergrad then picks a parallel algorithm, a CMA-based MetaModel in 1.0). ``cma`` runs CMA-ES from the ``cma`` package and asks for a
 whole generation at once, which the scorer evaluates in one batched pass; it
 recommends the best candidate evaluated. Both packages draw from numpy's global
 random state, so every call runs inside a private :class:`RngScope`: results depend

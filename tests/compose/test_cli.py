@@ -79,4 +79,10 @@ def test_fewshot_prints_table_and_writes_json(capsys, setup):
         assert s["best_accuracy"] >= s["mean_accuracy"] and s["best_nll"] <= s["mean_nll"]
         assert all(r["n"] == 4 for r in s["runs"])
     assert set(per["lorahub"]["runs"][0]["info"]["weights"]) == {"e0", "e1", "e2"}
+    # also readable as lorashelf eval results (mean over seeds), as the demo report reads it
+    from lorashelf.evaluate.runner import result_from_json
+
+    by_method = {e["method"]: result_from_json(e) for e in report["methods"]}
+    assert by_method["lorahub"].tasks[task].accuracy == per["lorahub"]["mean_accuracy"]
+    assert set(report["lorahub_weights"][task]) == {"e0", "e1", "e2"}
     assert Library.open(lib_dir).names() == ["e0", "e1", "e2"]  # fewshot writes no expert
