@@ -224,3 +224,18 @@ def test_scoring_with_shared_prompt_cache_matches_plain(kit, tiny_model, tiny_to
     n_prompt = sum(len(tiny_tokenizer(p)["input_ids"]) for p in ("The cat sat on", "Go"))
     n_cont = sum(len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in pairs)
     assert shared_stats.tokens == n_prompt + n_cont
+
+
+def test_bf16_routing(model, experts, ids) -> None:
+    with torch.no_grad():
+        base = model(ids).logits
+        with build_routed_model(model, experts, config=ArrowConfig(top_k=2)) as rm:
+            want = rm(input_ids=ids).logits
+        model.to(torch.bfloat16)
+        with build_routed_model(model, experts, config=ArrowConfig(top_k=2)) as rm:
+            assert all(r.prototypes.device == ids.device for r in rm.routers.values())
+            got = rm(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    # bf16 may flip a near-tie top-k choice, so compare on average against the effect size
+    err = (got.float() - want).abs().mean()
+    assert err < 0.05 * (want - base).abs().mean()
