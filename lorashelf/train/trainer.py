@@ -12,7 +12,10 @@ this CPU (SmolLM2-135M, batch 8, one thread) bf16 weights took 7.5 ms/token with
 autocast and 8.1 with it (within noise), fp32 weights 9.7 with autocast (weights are
 re-cast every step) and 12.6 without. Batches are padded only to their longest
 member and bucketed by length, and the output head runs only at positions that
-predict answer tokens (:mod:`lorashelf.train.loss`). A fixed
+predict answer tokens (:mod:`lorashelf.train.loss`). On the CPU, attention runs in
+its plain ("eager") form while training: PyTorch's CPU flash-attention backward
+made a SmolLM2 step ~30% slower at 40 and at 200 tokens; other devices keep the
+model's own choice. A fixed
 ``seed`` gives identical losses and weights on two runs on the same machine.
 
 The adapter is written to a temporary sibling and renamed into place, so an
@@ -165,6 +168,22 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 @contextlib.contextmanager
+def training_attention(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eager attention on the CPU for the block (faster backward); restored after."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if device.type != "cpu" or before in (None, "eager") or not callable(setter):
+        yield
+        return
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+@contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch (dropout) inside the block and restore the caller's RNG state after."""
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -292,7 +311,11 @@ def train_expert(
     names = [t.id for t in tasks]
     desc = names[0] if len(names) == 1 else f"{len(names)} tasks"
     start = time.perf_counter()
-    with attached(base.model, config, base.base_id) as pm, seeded(config.seed, device):
+    with (
+        training_attention(base.model, device),
+        attached(base.model, config, base.base_id) as pm,
+        seeded(config.seed, device),
+    ):
         curve, tokens, times = _loop(
             pm, base.tokenizer, train, config, steps, device, progress, desc
         )

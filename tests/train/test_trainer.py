@@ -86,6 +86,8 @@ def test_base_restored(tiny_base, toy_task, fast_config, tmp_path):
     model = tiny_base.model
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     modules_before = [type(m) for m in model.modules()]
+    attn = model.config._attn_implementation
+    assert attn != "eager"  # so the switch to eager for CPU training is exercised
     with torch.no_grad():
         before = model(IDS).logits
     train_expert(tiny_base, [toy_task], fast_config, out_dir=tmp_path / "e1", progress=False)
@@ -95,6 +97,7 @@ def test_base_restored(tiny_base, toy_task, fast_config, tmp_path):
     assert [type(m) for m in model.modules()] == modules_before
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert not model.training and not hasattr(model, "peft_config")
+    assert model.config._attn_implementation == attn
     # the same loaded base trains the next expert
     train_expert(tiny_base, [toy_task], fast_config, out_dir=tmp_path / "e2", progress=False)
 
