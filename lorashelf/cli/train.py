@@ -100,7 +100,8 @@ def print_summary(results, title: str) -> None:
 
     table = Table(title=title)
     for col in ("expert", "status", "steps", "train loss", "valid loss", "time", "tokens/s"):
-        table.add_column(col, justify="left" if col in ("expert", "status") else "right")
+        left = col in ("expert", "status")
+        table.add_column(col, justify="left" if left else "right", overflow="fold")
     for r in results:
         trained = r.status == "trained"
         table.add_row(

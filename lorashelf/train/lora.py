@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -77,7 +78,9 @@ def attached(model: torch.nn.Module, config: TrainConfig, base_id: str) -> Itera
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     try:
-        peft_model = get_peft_model(model, lora_config(config))
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            peft_model = get_peft_model(model, lora_config(config))
     except ValueError as e:  # e.g. target modules not found in this architecture
         raise LorashelfError(
             f"cannot put LoRA on {config.target_modules} of {type(model).__name__} ({e}); "
