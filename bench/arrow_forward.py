@@ -6,9 +6,10 @@ identical for both implementations (PEFT reads them from PEFT directories writte
 here, with ``autocast_adapter_dtype=False`` so it also computes in bf16). Each row
 times the backbone forward (``model.model``: hidden states, no LM head, as
 lorashelf's scorer runs it) of a batch of 8 x 128 tokens: the median of ``--reps``
-runs, each next to a run of the plain base model, and the row's ratio is against
-those neighbours (a shared machine's load hits both alike); cpu/base is the same
-ratio in process CPU time, the steadier measure under load with ``--threads 1``.
+runs, each next to a run of the plain base model, and the row's ratio is the median
+of the ratios to those neighbours (a shared machine's load hits both alike);
+cpu/base is the same ratio in process CPU time, the steadier measure under load
+with ``--threads 1``.
 Setup is the time to prepare the experts (PEFT: loading the adapters; lorashelf:
 exact prototypes and stacking); "tensors" is the memory each adds, "peak" the growth
 of malloc'd memory during one forward (activations). ``--strategies`` times one
@@ -148,11 +149,15 @@ def interleaved(fn, ref, reps: int) -> dict:
                 f()
                 t[key].append(time.perf_counter() - t0)
                 t[key + "_cpu"].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in t.items()}
+
+    def ratio(a: list[float], b: list[float]) -> float:  # median over adjacent pairs
+        return statistics.median(x / max(y, 1e-9) for x, y in zip(a, b))
+
     return {
-        "secs": med["fn"],
-        "base_secs": med["ref"],
-        "cpu_vs_base": med["fn_cpu"] / med["ref_cpu"],
+        "secs": statistics.median(t["fn"]),
+        "base_secs": statistics.median(t["ref"]),
+        "time_vs_base": ratio(t["fn"], t["ref"]),
+        "cpu_vs_base": ratio(t["fn_cpu"], t["ref_cpu"]),
         "peak": mem.growth,
     }
 
@@ -217,7 +222,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="E=8,32 with top-k 4 only")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--strategies", action="store_true", help="also sweep dense vs gather")
@@ -245,7 +250,7 @@ def main() -> None:
         r = rows[-1]
         print(
             f"  {label:20s} E={E!s:>4} k={k!s:>2} {n_tok / r['secs']:8.0f} tok/s "
-            f"{r['secs'] / r['base_secs']:6.2f}x base  setup {r['setup']:6.2f} s",
+            f"{r['time_vs_base']:6.2f}x base  setup {r['setup']:6.2f} s",
             flush=True,
         )
 
@@ -298,7 +303,6 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
     base_secs = statistics.median(r["base_secs"] for r in rows)
     for r in rows:
         r["tok_s"] = n_tok / r["secs"]
-        r["time_vs_base"] = r["secs"] / r["base_secs"]  # against the adjacent base runs
     peft = {(r["E"], r["k"]): r for r in rows if r["method"] == "peft arrow"}
     for r in rows:
         p = peft.get((r["E"], r["k"])) if r["method"].startswith("lorashelf") else None
@@ -307,7 +311,7 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
     print(
         f"\nSmolLM2-135M bf16, backbone forward of {args.batch} x {args.seq} tokens, "
         f"rank-{RANK} experts on {'+'.join(TARGETS)} x 30 layers, {torch.get_num_threads()} "
-        f"threads, median of {args.reps} runs interleaved with the base model's"
+        f"threads, medians of {args.reps} runs, each beside a run of the base model"
     )
     print(
         f"{'method':20s} {'E':>4s} {'k':>2s} {'tok/s':>7s} {'time/base':>9s} {'PEFT/ours':>9s} "
