@@ -48,6 +48,7 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 8
     max_length: int = 512
+    max_valid: int = 200  # validation examples per task (the loss is a check, not a sweep)
     max_grad_norm: float = 1.0
     seed: int = 0
     init_seed: int = 0
@@ -71,6 +72,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
+            (self.max_valid >= 0, f"max_valid must be >= 0, got {self.max_valid}"),
             (self.train_on in SPLITS, f"train_on must be one of {SPLITS}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
         ]

@@ -119,7 +119,7 @@ def training_examples(tasks: Sequence[Task], config: TrainConfig) -> tuple[list[
     for t in tasks:
         s = t.splits(seed=config.split_seed)
         train += s.get(config.train_on)
-        valid += s.valid
+        valid += s.valid[: config.max_valid]
     if not train:
         ids = ", ".join(t.id for t in tasks)
         raise LorashelfError(
