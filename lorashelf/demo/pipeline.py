@@ -77,7 +77,8 @@ class Demo:
 
     def train_opts(self) -> list[str]:
         s = self.suite
-        return ["--steps", str(s.train_steps), "--max-examples", str(s.train_examples)]
+        return ["--steps", str(s.train_steps), "--max-examples", str(s.train_examples),
+                "--batch-size", str(s.train_batch), "--max-length", str(s.max_length)]  # fmt: skip
 
     def train(self) -> None:
         self.lorashelf(
@@ -96,7 +97,8 @@ class Demo:
 
     def gates(self) -> None:
         self.lorashelf("gates", "train", self.out / "private", "--steps", str(self.suite.gate_steps),
-                       "--max-examples", str(self.suite.train_examples))  # fmt: skip
+                       "--max-examples", str(self.suite.train_examples),
+                       "--max-length", str(self.suite.max_length))  # fmt: skip
 
     def results_file(self, label: str) -> Path:
         slug = label.lower().replace(" + ", "-").replace(" ", "-")
@@ -128,7 +130,7 @@ class Demo:
         self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(self.suite.heldout),
                        "--shots", str(self.suite.shots), "--seeds", str(self.suite.seeds),
                        "--limit", str(self.suite.eval_limit), "--methods", "lorahub",
-                       "--json", out)  # fmt: skip
+                       "--budget", str(self.suite.lorahub_budget), "--json", out)  # fmt: skip
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

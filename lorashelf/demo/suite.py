@@ -27,9 +27,12 @@ class Suite:
     train_examples: int = 200  # examples read per task (before the split)
     eval_limit: int = 40  # test examples per held-out task
     train_steps: int = 60
+    train_batch: int = 8
+    max_length: int = 384
     gate_steps: int = 30
     shots: int = 5
     seeds: int = 3
+    lorahub_budget: int = 40
 
     @property
     def bigbench_names(self) -> list[str]:
