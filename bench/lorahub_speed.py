@@ -30,6 +30,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="budget 12 (one CMA-ES generation)")
     args = ap.parse_args()
+    # nevergrad hands scipy's COBYLA a radius scipy corrects, with a warning (warm-up only)
+    warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarning)
     budget = 12 if args.quick else args.budget
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -170,7 +170,10 @@ def fewshot_table(report: dict[str, Any], title: str = "few-shot comparison") ->
 
     table = Table(title=title)
     for col in ("task", "method", "acc mean", "acc best", "NLL mean", "NLL best"):
-        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+        text = col in ("task", "method")
+        table.add_column(
+            col, justify="left" if text else "right", overflow="fold" if text else "ellipsis"
+        )
     sections = [*report["tasks"].items(), ("mean", report["mean"])]
     for task_id, methods in sections:
         for i, (name, s) in enumerate(methods.items()):

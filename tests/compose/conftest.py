@@ -49,6 +49,17 @@ def peft_adapter(base, out_dir: Path, seed: int, *, base_id: str, r: int = 4, al
 
 
 @pytest.fixture
+def make_adapter(tmp_path, tiny_model, tiny_model_dir):
+    """``make_adapter(name, seed, **options)`` -> a random PEFT adapter dir in tmp_path."""
+
+    def make(name: str, seed: int, **options) -> Path:
+        return peft_adapter(tiny_model, tmp_path / name, seed, base_id=str(tiny_model_dir),
+                            **options)  # fmt: skip
+
+    return make
+
+
+@pytest.fixture
 def make_library(tmp_path, tiny_model, tiny_model_dir):
     """``make_library(n, ranks=None)`` -> a Library of ``n`` random experts e0..e{n-1}
     for the tiny model (base recorded as ``tiny_model_dir``)."""

@@ -87,3 +87,26 @@ def test_truncation_error_is_the_frobenius_error(make_library, model, tiny_token
     den = sum(f.delta().norm() ** 2 for f in res.factors.values())
     assert err == pytest.approx(float((num / den) ** 0.5), rel=1e-4)
     assert all(f.rank == 2 for f in cut.values())
+
+
+def test_modules_of_different_ranks_use_rank_pattern(
+    tmp_path, tiny_model, tiny_model_dir, model, tiny_tokenizer, shots, make_adapter
+):
+    """Experts adapting different modules: the exact output composition has rank 8 where
+    both act and 4 where one does; PEFT reads that back through rank_pattern."""
+    from lorashelf.library import Library, read_lora_factors
+
+    a = read_lora_factors(make_adapter("a", 1))
+    b = read_lora_factors(make_adapter("b", 2, targets=("q_proj",)))
+    experts = [("a", a), ("b", b)]
+    res = compose(model, tiny_tokenizer, experts, shots,
+                  ComposeConfig(mix="output", budget=4, save_rank=0))  # fmt: skip
+    with attach(model, experts, weights=res.weights, mix="output"):
+        want = logits_of(model, tiny_tokenizer)
+    lib = Library.open(tmp_path / "lib", create=True, base_model=str(tiny_model_dir),
+                       allow_mixed=True)  # fmt: skip
+    expert = save_composition(res, lib, "mixed")
+    cfg = json.loads((expert.path / "adapter_config.json").read_text())
+    assert cfg["r"] in (4, 8) and cfg["rank_pattern"]
+    got = peft_logits(tiny_model, tiny_tokenizer, expert.path)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
