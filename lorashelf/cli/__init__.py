@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    # PEFT calls a transformers API that transformers 5 deprecates; users can do
+    # nothing about it, and it would split our one-line errors.
+    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.home is None:
