@@ -57,8 +57,19 @@ def main() -> None:
         print(f"{name:40s} {qps:12.2f} {qps / plain:8.2f}x")
     ratio = rows["lorashelf (+ prompt shared by options)"] / plain
     print(f"max |logprob diff| vs plain: {max_diff:.4f} (bf16)")
-    print(f"RESULT eval_throughput: {ratio:.2f}x questions/s vs plain per-sequence full-vocab scoring")
-    write_json(args.json, {"name": "eval_throughput", "ratio": ratio, "baseline": "plain per-sequence full-vocabulary log-softmax", "questions_per_s": rows, "max_abs_diff": max_diff})
+    print(
+        f"RESULT eval_throughput: {ratio:.2f}x questions/s vs plain per-sequence full-vocab scoring"
+    )
+    write_json(
+        args.json,
+        {
+            "name": "eval_throughput",
+            "ratio": ratio,
+            "baseline": "plain per-sequence full-vocabulary log-softmax",
+            "questions_per_s": rows,
+            "max_abs_diff": max_diff,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,15 @@ from pathlib import Path
 from _common import machine
 
 HERE = Path(__file__).parent
-ORDER = ["eval_throughput", "train_throughput", "library_scale", "arrow_prototypes",
-         "arrow_forward", "cluster_scale", "lorahub_speed"]
+ORDER = [
+    "eval_throughput",
+    "train_throughput",
+    "library_scale",
+    "arrow_prototypes",
+    "arrow_forward",
+    "cluster_scale",
+    "lorahub_speed",
+]
 
 
 def doc_summary(path: Path) -> str:
@@ -31,10 +38,14 @@ def doc_summary(path: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--quick", action="store_true", help="pass --quick to benchmarks that accept it")
+    ap.add_argument(
+        "--quick", action="store_true", help="pass --quick to benchmarks that accept it"
+    )
     ap.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = ap.parse_args()
-    found = {p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"}
+    found = {
+        p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"
+    }
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
     if args.only:
         names = [n for n in names if n in args.only]
@@ -62,8 +73,10 @@ def main() -> int:
         if proc.returncode != 0:
             failed.append(name)
             out += "\n" + proc.stderr.strip()[-2000:]
-        parts.append(f"\n## {name}\n\n{doc_summary(path)}\n\n"
-                     f"`python bench/{path.name}` - {status}, {secs:.0f} s\n\n```\n{out}\n```\n")
+        parts.append(
+            f"\n## {name}\n\n{doc_summary(path)}\n\n"
+            f"`python bench/{path.name}` - {status}, {secs:.0f} s\n\n```\n{out}\n```\n"
+        )
     Path(args.out).write_text("".join(parts))
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="tokens; prompts cut from the left")
-    p.add_argument("--max-valid", type=int, default=200, help="validation examples per task for the valid loss")
+    p.add_argument(
+        "--max-valid", type=int, default=200, help="validation examples per task for the valid loss"
+    )
     p.add_argument(
         "--target-modules",
         default="q_proj,k_proj,v_proj,o_proj",

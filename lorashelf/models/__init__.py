@@ -13,7 +13,15 @@ from lorashelf.models.known import DEFAULT_MODEL, canonical_id, same_base
 
 _LAZY = {"BaseModel", "list_cached", "load_base", "pull"}
 
-__all__ = ["DEFAULT_MODEL", "BaseModel", "canonical_id", "list_cached", "load_base", "pull", "same_base"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "BaseModel",
+    "canonical_id",
+    "list_cached",
+    "load_base",
+    "pull",
+    "same_base",
+]
 
 
 def __getattr__(name: str) -> Any:

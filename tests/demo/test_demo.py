@@ -21,7 +21,9 @@ def test_quick_demo_report_resume_and_reproducibility(real_home, tmp_path, capsy
     report = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert "## Accuracy (held-out tasks)" in report
-    rows = [line for line in report.splitlines() if line.startswith("| bigbench:arithmetic/3_digit")]
+    rows = [
+        line for line in report.splitlines() if line.startswith("| bigbench:arithmetic/3_digit")
+    ]
     assert rows and all(len(re.findall(r"\d\.\d{3}", r)) >= 8 for r in rows), rows
     assert page.count("data:image/png;base64,") >= 4
     for name in ("base", "private-arrow", "mbc-uniform", "oracle", "phatgoose", "lorahub"):
@@ -29,7 +31,10 @@ def test_quick_demo_report_resume_and_reproducibility(real_home, tmp_path, capsy
 
     from lorashelf.library import Library
 
-    created = {n: Library.open(out / "private").get(n).created for n in Library.open(out / "private").names()}
+    created = {
+        n: Library.open(out / "private").get(n).created
+        for n in Library.open(out / "private").names()
+    }
     arrow = json.loads((out / "results" / "private-arrow.json").read_text())
     (out / "results" / "private-arrow.json").unlink()
     capsys.readouterr()

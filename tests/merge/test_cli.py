@@ -28,4 +28,6 @@ def test_merge_run_writes_adapter_and_adds_expert(tiny_library, tmp_path, capsys
     card = lib2.get("ties-ab").card
     assert card["source"] == "merge" and card["tasks"] == ["t:a", "t:b"]
     assert card["extra"]["merge"]["config"] == {"density": 0.5}
-    assert main(["merge", "run", str(lib.path), "--method", "tie", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["merge", "run", str(lib.path), "--method", "tie", "--out", str(tmp_path / "x")]) == 2
+    )
