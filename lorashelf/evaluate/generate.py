@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lorashelf.evaluate.lm import unwrap_lm
+from lorashelf.models.lm import unwrap_lm
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lorashelf.evaluate.lm import backbone_and_head, unwrap_lm
+from lorashelf.models.lm import backbone_and_head, unwrap_lm
 
 
 @dataclass(frozen=True)

@@ -15,31 +15,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lorashelf.models.lm import backbone_and_head, unwrap_lm
 from lorashelf.train.batches import Batch
 
 
 def split_lm(
     lm: torch.nn.Module,
 ) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """A ``*ForCausalLM``'s decoder stack and its hidden-states -> logits function."""
-    get_base = getattr(lm, "get_base_model", None)  # through a PEFT wrapper
-    lm = get_base() if callable(get_base) else lm
-    backbone = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
-    head = lm.get_output_embeddings()
-    if backbone is None or head is None:
-        raise TypeError(f"{type(lm).__name__} has no backbone/head; pass a *ForCausalLM model")
-    scale = getattr(lm.config, "logit_scale", None)  # Cohere
-    cap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if scale is not None:
-            logits = logits * scale
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return backbone, project
+    """A ``*ForCausalLM``'s decoder stack and its hidden-states -> logits function
+    (through a PEFT wrapper)."""
+    return backbone_and_head(unwrap_lm(lm))
 
 
 def target_nll(lm: torch.nn.Module, batch: Batch) -> torch.Tensor:

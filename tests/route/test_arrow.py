@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from lorashelf.errors import LorashelfError
-from lorashelf.evaluate.lm import unwrap_lm
+from lorashelf.models.lm import unwrap_lm
 from lorashelf.route import (
     ROUTERS,
     ArrowConfig,

@@ -1,4 +1,4 @@
-"""Find the pieces of a causal LM that scoring and training need: the backbone that
+"""Find the pieces of a causal LM that scoring, training and composition need: the backbone that
 returns hidden states and the output head (with any final logit transform).
 
 Models arrive plain (``LlamaForCausalLM``), wrapped by PEFT (``PeftModel``), or with
