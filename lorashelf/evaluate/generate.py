@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lorashelf.evaluate.scoring import pad_batch
 from lorashelf.models.lm import unwrap_lm
 
 
@@ -34,15 +35,11 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):  # left padding so every row ends at the prompt's end
-            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]) :] = 1
+        ids, mask = pad_batch([encoded[i] for i in batch], pad_id, device, left=True)
+        width = ids.shape[1]  # left padding: every row ends where its prompt ends
         gen = lm.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,

@@ -59,15 +59,17 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(
-    seqs: list[list[int]], pad_id: int, device: torch.device
+def pad_batch(
+    seqs: list[list[int]], pad_id: int, device: torch.device, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence (on the left when ``left``): ids and attention mask."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s)
+        mask[row, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -95,7 +97,7 @@ def score_continuations(
     encoded = [encode_pair(tokenizer, p, c, max_length) for p, c in pairs]
     out: list[Scored | None] = [None] * len(pairs)
     for batch in _batches([len(e[0]) for e in encoded], batch_size):
-        ids, mask = _pad([encoded[i][0] for i in batch], pad_id, device)
+        ids, mask = pad_batch([encoded[i][0] for i in batch], pad_id, device)
         n_cont = [encoded[i][1] for i in batch]
         lens = [len(encoded[i][0]) for i in batch]
         # positions t whose output predicts token t+1 of the continuation
@@ -137,18 +139,6 @@ def _group_by_prompt(
     return out
 
 
-def _left_pad(
-    seqs: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s)
-        mask[row, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def _score_shared(
     model: torch.nn.Module,
@@ -165,14 +155,14 @@ def _score_shared(
     groups = _group_by_prompt(tokenizer, pairs, max_length)
     out: list[Scored | None] = [None] * len(pairs)
     for batch in _batches([len(g[0]) for g in groups], batch_size):
-        ids, mask = _left_pad([groups[g][0] for g in batch], pad_id, device)
+        ids, mask = pad_batch([groups[g][0] for g in batch], pad_id, device, left=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         first = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         conts = [(r, i, c) for r, g in enumerate(batch) for i, c in groups[g][1]]
         rep = torch.tensor([r for r, _, _ in conts], device=device)
         cache = first.past_key_values
         cache.reorder_cache(rep)  # one cache row per continuation
-        c_ids, c_mask = _pad([c for _, _, c in conts], pad_id, device)
+        c_ids, c_mask = pad_batch([c for _, _, c in conts], pad_id, device)
         plen = mask.sum(-1)[rep]
         c_pos = plen[:, None] + torch.arange(c_ids.shape[1], device=device)[None]
         full_mask = torch.cat([mask[rep], c_mask], dim=1)
