@@ -56,15 +56,31 @@ def plot_routing(
 
     experts, tasks = report["experts"], list(report["tasks"])
     m = [report["tasks"][t]["overall"] for t in tasks]
-    fig = Figure(figsize=(max(4.0, 0.25 * len(experts) + 3), max(3.0, 0.25 * len(tasks) + 2)))
+    # long task and expert names need room: size the figure from the label lengths
+    label_in = 0.075 * max((len(str(n)) for n in [*experts, *tasks]), default=10)
+    width = max(5.0, 0.55 * len(experts) + label_in + 2.0)
+    height = max(3.0, 0.45 * len(tasks) + label_in + 1.5)
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="mean routing weight")
+    fig.colorbar(im, ax=ax, label="mean routing weight", shrink=0.8)
+    if len(tasks) * len(experts) <= 400:
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="w" if v < 0.5 * max(map(max, m)) else "k",
+                )
     if len(experts) <= 80:
-        ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=6)
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
     if len(tasks) <= 80:
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
     ax.set_xlabel("expert")
     ax.set_ylabel("task")
     ax.set_title(title or "routing: tasks x experts")
