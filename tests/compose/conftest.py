@@ -96,6 +96,30 @@ def mc_task_file(tmp_path) -> Path:
     return path
 
 
+def reference_batch(tok, shots):
+    """Independent tokenization: prompt + target + EOS, loss only on target and EOS."""
+    seqs = []
+    for ex in shots:
+        p = tok(ex.prompt)["input_ids"]
+        t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append((p + t, len(p)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (s, n_p) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, n_p : len(s)] = torch.tensor(s[n_p:])
+    return ids, mask, labels
+
+
+@pytest.fixture(scope="session")
+def ref_batch():
+    """``ref_batch(tok, shots) -> (ids, mask, labels)``, the tests' own tokenization."""
+    return reference_batch
+
+
 def _trained_adapter(base, tok, examples, out_dir: Path, *, base_id: str, steps: int = 120) -> Path:
     """A rank-4 LoRA fitted to ``examples`` (targets + EOS) with Adam: the expert that is
     clearly right for them."""
@@ -104,17 +128,7 @@ def _trained_adapter(base, tok, examples, out_dir: Path, *, base_id: str, steps:
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     peft_model = get_peft_model(copy.deepcopy(base), cfg)
-    seqs = []
-    for ex in examples:
-        p = tok(ex.prompt)["input_ids"]
-        t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((p + t, len(p)))
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    for i, (s, n_p) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, n_p : len(s)] = torch.tensor(s[n_p:])
+    ids, _, labels = reference_batch(tok, examples)
     opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
         loss = peft_model(

@@ -32,29 +32,11 @@ def reference_model(tiny_model, lib, weights):
     return peft_model.eval()
 
 
-def reference_batch(tok, shots):
-    """Independent tokenization: prompt + target + EOS, loss only on target and EOS."""
-    seqs = []
-    for ex in shots:
-        p = tok(ex.prompt)["input_ids"]
-        t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((p + t, len(p)))
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, n_p) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        labels[i, n_p : len(s)] = torch.tensor(s[n_p:])
-    return ids, mask, labels
-
-
 def test_params_mixture_and_composed_factors_match_reference_logits(
-    tiny_model, model, tiny_tokenizer, make_library, shots
+    ref_batch, tiny_model, model, tiny_tokenizer, make_library, shots
 ):
     lib = make_library(4)
-    ids, mask, _ = reference_batch(tiny_tokenizer, shots)
+    ids, mask, _ = ref_batch(tiny_tokenizer, shots)
     with torch.no_grad():
         want = reference_model(tiny_model, lib, WEIGHTS)(input_ids=ids, attention_mask=mask).logits
         base = tiny_model(input_ids=ids, attention_mask=mask).logits
@@ -71,10 +53,10 @@ def test_params_mixture_and_composed_factors_match_reference_logits(
 
 @pytest.mark.parametrize("loss, divide", [("reference", True), ("token", False)])
 def test_scorer_loss_is_the_reference_loss(
-    tiny_model, model, tiny_tokenizer, make_library, shots, loss, divide
+    ref_batch, tiny_model, model, tiny_tokenizer, make_library, shots, loss, divide
 ):
     lib = make_library(4)
-    ids, mask, labels = reference_batch(tiny_tokenizer, shots)
+    ids, mask, labels = ref_batch(tiny_tokenizer, shots)
     with torch.no_grad():
         ref = reference_model(tiny_model, lib, WEIGHTS)
         hf_loss = float(ref(input_ids=ids, attention_mask=mask, labels=labels).loss)
@@ -86,7 +68,9 @@ def test_scorer_loss_is_the_reference_loss(
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_example_loss_averages_each_shot(tiny_model, model, tiny_tokenizer, make_library, shots):
+def test_example_loss_averages_each_shot(
+    ref_batch, tiny_model, model, tiny_tokenizer, make_library, shots
+):
     lib = make_library(3)
     experts = resolve_experts(lib, None, torch.device("cpu"))
     w = WEIGHTS[:3]
@@ -97,7 +81,7 @@ def test_example_loss_averages_each_shot(tiny_model, model, tiny_tokenizer, make
     per_shot = []
     with torch.no_grad():
         for ex in shots:  # one shot at a time, no padding at all
-            ids, mask, labels = reference_batch(tiny_tokenizer, [ex])
+            ids, mask, labels = ref_batch(tiny_tokenizer, [ex])
             per_shot.append(float(ref(input_ids=ids, attention_mask=mask, labels=labels).loss))
     assert got == pytest.approx(sum(per_shot) / len(per_shot), rel=1e-5)
 
@@ -118,11 +102,11 @@ def test_population_losses_equal_one_at_a_time(model, tiny_tokenizer, make_libra
 
 
 def test_output_mix_is_the_dense_weighted_delta(
-    tiny_model, model, tiny_tokenizer, make_library, shots
+    ref_batch, tiny_model, model, tiny_tokenizer, make_library, shots
 ):
     lib = make_library(4)
     experts = resolve_experts(lib, None, torch.device("cpu"))
-    ids, mask, _ = reference_batch(tiny_tokenizer, shots)
+    ids, mask, _ = ref_batch(tiny_tokenizer, shots)
     dense = copy.deepcopy(tiny_model)
     with torch.no_grad():
         for module in experts[0][1]:

@@ -11,22 +11,12 @@ from peft import PeftModel
 from lorashelf.compose import PRESELECTORS, ComposeConfig, compose
 
 
-def hf_loss(tiny_model, tok, path, shots):
+def hf_loss(tiny_model, tok, path, shots, ref_batch):
     """The shots' pooled target loss under one expert, through PEFT (independent)."""
     model = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(path)).eval()
-    seqs = []
-    for ex in shots:
-        p = tok(ex.prompt)["input_ids"]
-        t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((p + t, len(p)))
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    for i, (s, n_p) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, n_p : len(s)] = torch.tensor(s[n_p:])
+    ids, mask, labels = ref_batch(tok, shots)
     with torch.no_grad():
-        return float(model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss)
+        return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
 def test_registry_lists_both():
@@ -34,12 +24,15 @@ def test_registry_lists_both():
 
 
 def test_loss_preselection_keeps_the_lowest_losses(
-    tiny_model, model, tiny_tokenizer, fitted_library, shots
+    ref_batch, tiny_model, model, tiny_tokenizer, fitted_library, shots
 ):
     lib = fitted_library
     cfg = ComposeConfig(preselect=2, preselect_by="loss", budget=4, loss="token")
     res = compose(model, tiny_tokenizer, lib, shots, cfg)
-    want = {n: hf_loss(tiny_model, tiny_tokenizer, lib.get(n).path, shots) for n in lib.names()}
+    want = {
+        n: hf_loss(tiny_model, tiny_tokenizer, lib.get(n).path, shots, ref_batch)
+        for n in lib.names()
+    }
     assert res.preselection == pytest.approx({n: -v for n, v in want.items()}, rel=1e-5)
     best_two = sorted(want, key=want.get)[:2]
     assert "fit" in best_two
