@@ -34,7 +34,7 @@ from lorashelf.data.bigbench_store import (
     read_index,
     tasks_dir,
 )
-from lorashelf.data.download import fetch, find_file, sha256_of
+from lorashelf.data.download import byte_bar, fetch, find_file, sha256_of
 from lorashelf.errors import LorashelfError, did_you_mean
 
 SDIST = "bigbench-1.0.0.tar.gz"
@@ -100,14 +100,7 @@ def members(
     """(task name, ``task.json`` or ``task.py``, bytes when ``want(name)``) per task file."""
     with (
         open(sdist, "rb") as f,
-        tqdm(
-            total=sdist.stat().st_size,
-            desc=f"reading {sdist.name}",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-        ) as bar,
+        byte_bar(f"reading {sdist.name}", sdist.stat().st_size, progress=progress) as bar,
     ):
         try:
             with tarfile.open(fileobj=_Counting(f, bar), mode="r|gz") as tf:

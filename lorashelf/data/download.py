@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import urljoin
 from urllib.request import Request, urlopen
@@ -56,18 +57,18 @@ def find_file(index_url: str, project: str, filename: str, timeout: float = 60) 
     )
 
 
+def byte_bar(desc: str, total: int | None = None, *, progress: bool = True, **kw: Any) -> tqdm:
+    """A tqdm bar counting bytes (KiB/MiB units)."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not progress, **kw)  # fmt: skip
+
+
 def sha256_of(path: Path, progress: bool = True) -> str:
     h = hashlib.sha256()
     with (
         open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            desc=f"checking {path.name}",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-            leave=False,
+        byte_bar(
+            f"checking {path.name}", path.stat().st_size, progress=progress, leave=False
         ) as bar,
     ):
         while chunk := f.read(CHUNK):
@@ -81,12 +82,7 @@ def wait_while_growing(part: Path, quiet: float = 15.0, poll: float = 2.0) -> No
     bar = None
     while part.exists() and time.time() - part.stat().st_mtime < quiet:
         if bar is None:
-            bar = tqdm(
-                desc=f"waiting for another download of {part.name}",
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-            )
+            bar = byte_bar(f"waiting for another download of {part.name}")
         bar.n = part.stat().st_size
         bar.refresh()
         time.sleep(poll)
@@ -135,15 +131,7 @@ def download(url: str, part: Path, size: int | None, progress: bool, timeout: fl
     with (
         resp,
         open(part, "ab" if have else "wb") as f,
-        tqdm(
-            total=size,
-            initial=have,
-            desc=part.name.removesuffix(".part"),
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-        ) as bar,
+        byte_bar(part.name.removesuffix(".part"), size, progress=progress, initial=have) as bar,
     ):
         try:
             while chunk := resp.read(CHUNK):
