@@ -22,6 +22,9 @@ def _compose_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk", type=int, default=16, help="candidates scored per forward pass")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     g.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    g.add_argument(
+        "--lora-dtype", default="float32", help="LoRA branch while scoring: float32 or model"
+    )
     g.add_argument("--max-examples", type=int, default=None, help="cap examples read per task")
 
 
@@ -63,7 +66,7 @@ def _config(args: argparse.Namespace, seed: int = 0):
         experts=experts, preselect=args.preselect, preselect_by=args.preselect_by,
         budget=args.budget, mix=args.mix, optimizer=args.optimizer, popsize=args.popsize,
         l1=args.l1, loss=args.loss, chunk=args.chunk, chat=args.chat, seed=seed,
-        save_rank=getattr(args, "save_rank", None),
+        save_rank=getattr(args, "save_rank", None), lora_dtype=args.lora_dtype,
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from lorashelf.errors import LorashelfError
 
 MIXES = ("params", "output")
 LOSSES = ("reference", "token", "example")
+LORA_DTYPES = ("float32", "model")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,10 @@ class ComposeConfig:
     bounds memory: candidates scored per forward pass. ``save_rank`` is the rank of
     the saved adapter: None keeps the experts' rank (exact for ``params``, an SVD
     truncation for ``output``), 0 saves the exact factors (``output``: the
-    concatenation, rank = sum of ranks), K truncates to K by SVD.
+    concatenation, rank = sum of ranks), K truncates to K by SVD. ``lora_dtype`` is
+    the LoRA branch's precision while scoring: ``float32`` (default) is what PEFT and
+    the reference compute on a bf16 model, so both searches see the same losses;
+    ``model`` runs it in the model's dtype (a little faster, rounds differently).
     """
 
     experts: tuple[str, ...] | None = None
@@ -55,6 +59,14 @@ class ComposeConfig:
     chat: bool = False
     max_length: int | None = None
     save_rank: int | None = None
+    lora_dtype: str = "float32"
+
+    @property
+    def torch_lora_dtype(self):
+        """``lora_dtype`` as a torch dtype for the mixture layer (None: the model's)."""
+        import torch
+
+        return torch.float32 if self.lora_dtype == "float32" else None
 
     def __post_init__(self) -> None:
         lo, hi = self.bounds
@@ -75,6 +87,10 @@ class ComposeConfig:
             (self.preselect is None or self.preselect >= 1, "preselect must be >= 1 expert"),
             (self.max_length is None or self.max_length >= 2, "max_length must be >= 2"),
             (self.save_rank is None or self.save_rank >= 0, "save_rank must be >= 0"),
+            (
+                self.lora_dtype in LORA_DTYPES,
+                f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, not {self.lora_dtype!r}",
+            ),
             (self.experts is None or len(self.experts) > 0, "experts is empty; pass None for all"),
         ]
         for ok, msg in checks:

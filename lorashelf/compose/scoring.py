@@ -30,7 +30,8 @@ class PopulationScorer:
     Attaches the mixture to ``model`` in place; call :meth:`close` (or use ``with``)
     to restore it. ``loss`` is ``reference`` (token-pooled mean / number of shots, as
     the reference's ``default_get_loss`` returns), ``token`` (token-pooled mean) or
-    ``example`` (mean over shots of each shot's per-token mean).
+    ``example`` (mean over shots of each shot's per-token mean). ``lora_dtype`` is the
+    LoRA branch's precision (float32, as PEFT computes it; None: the model's dtype).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class PopulationScorer:
         mix: str = "params",
         loss: str = "reference",
         chunk: int = 16,
+        lora_dtype: torch.dtype | None = torch.float32,
     ) -> None:
         self.backbone, self.head = split_lm(model)
         device = next(model.parameters()).device
@@ -52,7 +54,7 @@ class PopulationScorer:
         self.n = shots.n_examples
         self.n_targets = torch.tensor(shots.n_targets, device=device, dtype=torch.float32)
         self.loss, self.chunk = loss, chunk
-        self.handle = attach(model, experts, mix=mix)
+        self.handle = attach(model, experts, mix=mix, lora_dtype=lora_dtype)
         self.names = self.handle.expert_names
         self.passes = 0  # forward passes run (for benchmarks and reports)
 

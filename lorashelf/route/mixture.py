@@ -18,6 +18,11 @@ are folded into the factors of the experts with a nonzero weight (once per
 mixes the factors instead of the outputs, as mttl does (``B_mix A_mix x`` with
 ``A_mix = sum w_e A_e``, ``B_mix = sum w_e scale_e B_e``), computed without forming
 per-token mixed matrices.
+
+``lora_dtype`` sets the precision of the LoRA branch independently of the base model,
+as PEFT does (a bf16 base with float32 adapters casts the activations to float32 for
+the LoRA matmuls and the sum back). ``None`` runs it in the activations' dtype, the
+fastest choice; ``torch.float32`` reproduces PEFT's numerics on a bf16 model.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class MixtureState:
     weights: torch.Tensor | None = None  # (E,) or (batch, E)
     routed: bool = False
     recorder: Any = None  # lorashelf.route.stats.Recorder while recording
+    lora_dtype: torch.dtype | None = None  # LoRA-branch precision; None = activations'
     version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
 
 
@@ -74,8 +80,11 @@ class MixtureLinear(nn.Module):
         e, r = stack.A.shape[0], stack.A.shape[1]
         self.n_local, self.rank = e, r
         w = base.weight
-        self.register_buffer("A_all", stack.A.reshape(e * r, -1).to(w.device, w.dtype), False)
-        self.register_buffer("B_all", stack.B.permute(1, 0, 2).reshape(-1, e * r).to(w), False)
+        dt = state.lora_dtype or w.dtype
+        self.register_buffer("A_all", stack.A.reshape(e * r, -1).to(w.device, dt), False)
+        self.register_buffer(
+            "B_all", stack.B.permute(1, 0, 2).reshape(-1, e * r).to(w.device, dt), False
+        )
         members = torch.tensor(stack.members, dtype=torch.long)
         self.register_buffer("members", members.to(w.device), False)
         self.complete = list(stack.members) == list(range(state.n_experts))
@@ -84,6 +93,8 @@ class MixtureLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         st = self.state
+        if st.lora_dtype is not None:
+            x = x.to(st.lora_dtype)
         if st.routed:
             if self.router is None:  # the router method has no router for this module
                 return y
@@ -91,7 +102,7 @@ class MixtureLinear(nn.Module):
             self._record(w, x)
             strategy = _choose(st.strategy, self.router.top_k, self.n_local)
             if strategy == "gather":
-                return y + self._gather(x, w, self.router.top_k).to(y.dtype)
+                return (y + self._gather(x, w, self.router.top_k)).to(y.dtype)
         elif st.weights is not None:
             w = self._local(st.weights, x)
             self._record(w, x)
@@ -99,12 +110,12 @@ class MixtureLinear(nn.Module):
                 A, B = self._fold(w, x.dtype)
                 if A is None:
                     return y
-                return y + nn.functional.linear(nn.functional.linear(x, A), B).to(y.dtype)
+                return (y + nn.functional.linear(nn.functional.linear(x, A), B)).to(y.dtype)
         else:
             raise LorashelfError(
                 "the mixture has no weights: call set_weights(...) or set_routers(...) first"
             )
-        return y + self._dense(x, w.to(x.dtype)).to(y.dtype)
+        return (y + self._dense(x, w.to(x.dtype))).to(y.dtype)
 
     def _local(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Global weights -> this module's experts, broadcastable against ``x[..., :1]``."""
@@ -259,13 +270,17 @@ def attach(
     routers: Mapping[str, Router] | None = None,
     mix: str = "output",
     strategy: str = "auto",
+    lora_dtype: torch.dtype | None = None,
 ) -> MixtureHandle:
     """Replace each module adapted by any expert with a :class:`MixtureLinear`, in place.
 
     ``experts`` is a list of ``(name, {module path: factors})`` with paths relative to
     ``model`` (e.g. ``model.layers.0.self_attn.q_proj`` for a ``*ForCausalLM``).
-    Stacks live on each layer's device in its dtype.
+    Stacks live on each layer's device, in ``lora_dtype`` (None: the layer's dtype),
+    which is also the precision the LoRA branch computes in.
     """
+    if lora_dtype is not None and not lora_dtype.is_floating_point:
+        raise LorashelfError(f"lora_dtype must be a floating dtype, not {lora_dtype}")
     if mix not in MIXES:
         raise LorashelfError(f"unknown mix {mix!r}; use one of {', '.join(MIXES)}")
     if strategy not in STRATEGIES:
@@ -273,7 +288,7 @@ def attach(
     names = check_experts(experts)
     stacks = stack_experts(experts)
     bases = {m: _find_linear(model, m, names, experts) for m in stacks}
-    state = MixtureState(n_experts=len(names), mix=mix, strategy=strategy)
+    state = MixtureState(n_experts=len(names), mix=mix, strategy=strategy, lora_dtype=lora_dtype)
     layers = {m: MixtureLinear(bases[m], stacks[m], state) for m in stacks}
     for m, layer in layers.items():
         parent, _, child = m.rpartition(".")

@@ -121,3 +121,25 @@ def test_output_mix_is_the_dense_weighted_delta(
     torch.testing.assert_close(mixed, want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(composed, want, atol=2e-5, rtol=1e-4)
     assert all(f.rank == 16 for f in factors.values())  # 4 experts x rank 4, concatenated
+
+
+def test_bf16_scorer_loss_is_the_reference_loss_with_float32_lora(
+    ref_batch, tiny_model, tiny_tokenizer, make_library, shots
+):
+    """On a bf16 model PEFT keeps the adapter in float32; the scorer's default LoRA
+    precision (float32) gives the reference's loss, so both searches rank alike."""
+    lib = make_library(4)
+    ids, mask, labels = ref_batch(tiny_tokenizer, shots)
+    low = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = reference_model(low, lib, WEIGHTS)
+        want = float(ref(input_ids=ids, attention_mask=mask, labels=labels).loss) / len(shots)
+    batch = encode_shots(tiny_tokenizer, shots, max_length=512)
+    experts = resolve_experts(lib, None, torch.device("cpu"))
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    got = {}
+    for dtype in (torch.float32, None):
+        with PopulationScorer(model, experts, batch, lora_dtype=dtype) as scorer:
+            got[dtype] = float(scorer.losses(torch.tensor([WEIGHTS]))[0])
+    assert got[torch.float32] == pytest.approx(want, rel=1e-6)
+    assert abs(got[None] - want) > abs(got[torch.float32] - want)

@@ -201,6 +201,32 @@ def test_bf16(model, experts, ids) -> None:
     assert err < 0.1 * (want - ref).abs().max() + 0.05
 
 
+def test_lora_dtype_float32_on_bf16_model_equals_peft(kit, model, shapes, ids, tmp_path) -> None:
+    """PEFT keeps adapters in float32 on a bf16 base and casts activations up for the
+    LoRA branch; lora_dtype=float32 computes the same numbers (the default rounds the
+    LoRA branch in bf16 and does not)."""
+    factors = kit.random_factors(shapes, r=4, seed=7)
+    path = kit.write_peft_adapter(model, factors, tmp_path / "a", alpha=8)
+    loaded = kit.read_lora_factors(path)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()
+    assert peft.base_model.model.get_submodule(next(iter(shapes))).lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        with attach(model, [("a", loaded)], weights=[1.0], lora_dtype=torch.float32) as h:
+            layer = next(iter(h.layers.values()))
+            assert layer.A_all.dtype == torch.float32
+            got = model(input_ids=ids).logits
+        with attach(model, [("a", loaded)], weights=[1.0]):
+            low = model(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    exact = (got.float() - want.float()).abs().max()
+    assert exact <= 1e-6
+    assert (low.float() - want.float()).abs().max() > exact  # the bf16 branch rounds differently
+    with pytest.raises(LorashelfError, match="floating"):
+        attach(model, [("a", loaded)], weights=[1.0], lora_dtype=torch.int8)
+
+
 def test_gradients_wrt_weights_match_finite_differences(model, experts, ids) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
