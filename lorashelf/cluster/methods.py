@@ -37,6 +37,7 @@ class ClusterConfig:
     seed: int = 0
     sparsity: float = 0.5  # mbc: zero this fraction of smallest-|w| entries per expert
     svd_dim: int | None = 64  # mbc: truncated-SVD dimension (None: full vectors)
+    center: bool = False  # mbc: subtract the mean expert vector (the shared A init) first
     n_init: int = 10  # k-means restarts
     max_iter: int = 300  # k-means Lloyd iterations per restart
     sizes: tuple[int, ...] | None = None  # random: cluster sizes (None: balanced)
@@ -75,10 +76,12 @@ class ClusterContext:
         self._cache: dict[Any, Any] = {}
 
     def parameter_similarity(self, cfg: ClusterConfig) -> Similarity:
-        key = ("params", cfg.sparsity, cfg.svd_dim)
+        key = ("params", cfg.sparsity, cfg.svd_dim, cfg.center)
         if key not in self._cache:
             check_init_seeds(self.cards, allow_mixed=cfg.allow_mixed_init)
-            scfg = SimilarityConfig(cfg.sparsity, cfg.svd_dim, self.block_size, self.block_mb)
+            scfg = SimilarityConfig(
+                cfg.sparsity, cfg.svd_dim, self.block_size, self.block_mb, center=cfg.center
+            )
             self._cache[key] = parameter_similarity(
                 self.names, self.load, scfg, device=self.device, progress=self.progress
             )

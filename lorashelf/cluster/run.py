@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorashelf.cluster.agreement import Truth, agreement, family_truth
 from lorashelf.cluster.methods import (
     ClusterConfig,
     ClusterContext,
@@ -63,6 +64,56 @@ def make_text_embedder(
     return embed
 
 
+def _open(library: str | os.PathLike[str] | Any) -> Any:
+    if isinstance(library, (str, os.PathLike)):
+        from lorashelf.library import Library
+
+        return Library.open(library)
+    return library
+
+
+def library_context(
+    lib: Any,
+    cfg: ClusterConfig,
+    *,
+    home: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    block_size: int | None = None,
+    block_mb: int = 512,
+    progress: bool = False,
+    text: bool | None = None,
+) -> ClusterContext:
+    """The :class:`ClusterContext` of an open library: its experts streamed one at a time,
+    and a text embedder on the library's base model when ``text`` (default: the
+    ``embedding`` method) needs one. Checks the request before reading any expert."""
+    names = list(lib.names())
+    validate(len(names), cfg)
+    cards = {n: dict(lib.get(n).card) for n in names}
+    embedder = None
+    if text if text is not None else cfg.method == "embedding":
+        model = cfg.text_model or library_base(lib, cards)
+        if model is None:
+            raise LorashelfError(
+                "the embedding method needs the base model and the library records none; "
+                "pass --model NAME"
+            )
+        embedder = make_text_embedder(
+            cards, model, cfg, home=home, device=torch.device(device), dtype=dtype,
+            progress=progress,
+        )  # fmt: skip
+    return ClusterContext(
+        names,
+        cards,
+        lambda name: lib.get(name).lora_factors(),
+        device=device,
+        block_size=block_size,
+        block_mb=block_mb,
+        text_embedder=embedder,
+        progress=progress,
+    )
+
+
 def cluster_library(
     library: str | os.PathLike[str] | Any,
     cfg: ClusterConfig,
@@ -77,45 +128,40 @@ def cluster_library(
     progress: bool = False,
 ) -> tuple[Clustering, dict[str, Any]]:
     """Cluster the experts of ``library`` (a path or an open Library); write ``out``, ``plot``."""
-    if isinstance(library, (str, os.PathLike)):
-        from lorashelf.library import Library
-
-        lib = Library.open(library)
-    else:
-        lib = library
-    names = list(lib.names())
-    validate(len(names), cfg)  # before reading any expert
-    cards = {n: dict(lib.get(n).card) for n in names}
-    embedder = None
-    if cfg.method == "embedding":
-        model = cfg.text_model or library_base(lib, cards)
-        if model is None:
-            raise LorashelfError(
-                "the embedding method needs the base model and the library records none; "
-                "pass --model NAME"
-            )
-        embedder = make_text_embedder(
-            cards,
-            model,
-            cfg,
-            home=home,
-            device=torch.device(device),
-            dtype=dtype,
-            progress=progress,
-        )
-    ctx = ClusterContext(
-        names,
-        cards,
-        lambda name: lib.get(name).lora_factors(),
-        device=device,
-        block_size=block_size,
-        block_mb=block_mb,
-        text_embedder=embedder,
-        progress=progress,
-    )
+    lib = _open(library)
+    ctx = library_context(
+        lib, cfg, home=home, device=device, dtype=dtype, block_size=block_size,
+        block_mb=block_mb, progress=progress,
+    )  # fmt: skip
     clustering = cluster_experts(ctx, cfg)
     where = library if isinstance(library, (str, os.PathLike)) else getattr(lib, "path", "")
-    source = {"library": str(Path(where).resolve()) if where else "", "n_experts": len(names)}
-    doc = clustering_to_json(clustering, cards, source=source)
+    source = {"library": str(Path(where).resolve()) if where else "", "n_experts": len(ctx.names)}
+    doc = clustering_to_json(clustering, ctx.cards, source=source)
     write_outputs(doc, out, plot=plot, clustering=clustering)
     return clustering, doc
+
+
+def check_library(
+    library: str | os.PathLike[str] | Any,
+    families: dict[str, Any],
+    cfg: ClusterConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    home: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> tuple[Truth, list[dict[str, Any]]]:
+    """ARI of each method's clustering of ``library`` against ``families``, per seed."""
+    from lorashelf.cluster.methods import CLUSTERERS
+
+    for m in methods:
+        CLUSTERERS.get(m)  # a typo fails before anything loads
+    lib = _open(library)
+    ctx = library_context(
+        lib, cfg, home=home, device=device, dtype=dtype, progress=progress,
+        text="embedding" in methods,
+    )  # fmt: skip
+    truth = family_truth(ctx.names, ctx.cards, families)
+    return truth, agreement(ctx, truth, cfg, methods, seeds)

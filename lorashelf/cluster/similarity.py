@@ -10,6 +10,11 @@ more. Everything MBC needs is in the Gram matrix G = X X^T ([n, n]):
   G = U S^2 U^T, so the embeddings are the top-d eigenvectors of G scaled by the square
   roots of their eigenvalues: the *exact* truncated SVD, without materialising X.
 
+``center`` subtracts the library's mean vector first (H G H with H = I - 11^T/n, also
+exact from G). Experts of one library share their LoRA A initialisation, and after a
+short training run that common A0 dominates every vector, so raw cosines sit close to
+1 for all pairs; centring removes the shared part and compares what each task changed.
+
 G is accumulated block by block: a block of rows stays in memory while later blocks
 stream past it; blocks are visited in a snake order so the last block read becomes
 the next resident one. Peak memory is two blocks plus G.
@@ -36,6 +41,7 @@ class SimilarityConfig:
     svd_dim: int | None = 64  # truncated-SVD dimension; None = compare full vectors
     block_size: int | None = None  # experts per block; None = from block_mb
     block_mb: int = 512  # memory for the two resident blocks when block_size is None
+    center: bool = False  # subtract the mean expert vector before comparing
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -137,10 +143,18 @@ def svd_embeddings(gram: torch.Tensor, dim: int) -> tuple[torch.Tensor, float]:
     return emb, energy
 
 
+def center_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the vectors minus their mean: H G H, H = I - 11^T / n."""
+    row = gram.mean(dim=1, keepdim=True)
+    return gram - row - row.T + gram.mean()
+
+
 def similarity_from_gram(
-    gram: torch.Tensor, svd_dim: int | None
+    gram: torch.Tensor, svd_dim: int | None, center: bool = False
 ) -> tuple[torch.Tensor, int | None, float | None]:
-    """Cosine-similarity matrix of the (optionally SVD-reduced) vectors behind ``gram``."""
+    """Cosine-similarity matrix of the (optionally centred, SVD-reduced) vectors of ``gram``."""
+    if center:
+        gram = center_gram(gram)
     if svd_dim is None or svd_dim >= gram.shape[0]:
         return cosine_from_gram(gram), None, None
     emb, energy = svd_embeddings(gram, svd_dim)
@@ -165,13 +179,22 @@ def parameter_similarity(
             f"expert {zero[0]!r} has all-zero LoRA parameters, so its direction is undefined; "
             "remove it from the library or retrain it"
         )
-    matrix, svd_dim, energy = similarity_from_gram(gram, cfg.svd_dim)
+    if cfg.center and len(names) < 3:
+        raise LorashelfError(
+            f"centring needs at least 3 experts (got {len(names)}): with 2 the centred "
+            "vectors are opposite by construction; drop --center"
+        )
+    matrix, svd_dim, energy = similarity_from_gram(gram, cfg.svd_dim, cfg.center)
     return Similarity(list(names), matrix, layout_size(layout), svd_dim, energy)
 
 
-def dense_similarity(vectors: torch.Tensor, svd_dim: int | None = None) -> torch.Tensor:
+def dense_similarity(
+    vectors: torch.Tensor, svd_dim: int | None = None, center: bool = False
+) -> torch.Tensor:
     """Reference computation on a dense [n, D] array: full SVD, then cosine (for checks)."""
     x = vectors.double()
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
     if svd_dim is not None and svd_dim < x.shape[0]:
         u, s, _ = torch.linalg.svd(x, full_matrices=False)
         x = u[:, :svd_dim] * s[:svd_dim]

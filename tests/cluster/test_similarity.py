@@ -116,3 +116,48 @@ def test_mixed_init_seeds_refused_unless_allowed():
 def test_bad_similarity_config(bad):
     with pytest.raises(LorashelfError):
         SimilarityConfig(**bad)
+
+
+@pytest.mark.parametrize("svd_dim", [None, 5])
+def test_centred_blocked_equals_dense_centred(planted, svd_dim):
+    cfg = SimilarityConfig(sparsity=0.0, svd_dim=svd_dim, block_size=4, center=True)
+    sim = parameter_similarity(planted.names, planted.load, cfg).matrix
+    x = planted.vectors().double()
+    x = x - x.mean(0, keepdim=True)
+    if svd_dim:  # independent reference: numpy SVD of the centred dense array
+        u, s, _ = np.linalg.svd(x.numpy(), full_matrices=False)
+        x = torch.from_numpy(u[:, :svd_dim] * s[:svd_dim])
+    x = x / x.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sim, x @ x.T, rtol=0, atol=1e-5)
+    raw = parameter_similarity(planted.names, planted.load, SimilarityConfig(0.0, svd_dim)).matrix
+    assert not torch.allclose(sim, raw, atol=1e-3)
+
+
+def test_centring_ignores_a_common_offset(planted):
+    """Adding one vector to every expert (a shared init) changes raw cosines, not centred."""
+    g = torch.Generator().manual_seed(3)
+    offset = {
+        m: (torch.randn(f.A.shape, generator=g) * 5, torch.randn(f.B.shape, generator=g) * 5)
+        for m, f in planted.factors[planted.names[0]].items()
+    }
+
+    def shifted(name):
+        return {
+            m: type(f)(f.A + offset[m][0], f.B + offset[m][1])
+            for m, f in planted.load(name).items()
+        }
+
+    diff = {}
+    for center in (True, False):
+        cfg = SimilarityConfig(sparsity=0.0, svd_dim=None, center=center)
+        a = parameter_similarity(planted.names, planted.load, cfg).matrix
+        b = parameter_similarity(planted.names, shifted, cfg).matrix
+        diff[center] = float((a - b).abs().max())
+    assert diff[True] < 1e-3  # float32 products of the shifted vectors round, nothing more
+    assert diff[False] > 0.1
+
+
+def test_centring_two_experts_is_refused(planted):
+    cfg = SimilarityConfig(sparsity=0.0, svd_dim=None, center=True)
+    with pytest.raises(LorashelfError, match="at least 3"):
+        parameter_similarity(planted.names[:2], planted.load, cfg)
