@@ -62,6 +62,18 @@ def clustering_to_json(
     }
 
 
+def short_names(names: Sequence[str]) -> tuple[list[str], str]:
+    """Names without the prefix (up to a ``__`` or ``/``) that all of them share."""
+    names = [str(n) for n in names]
+    if len(names) < 2:
+        return names, ""
+    common = os.path.commonprefix(names)
+    cut = max(common.rfind("__") + 2 if "__" in common else 0, common.rfind("/") + 1)
+    if cut <= 0 or any(len(n) <= cut for n in names):
+        return names, ""
+    return [n[cut:] for n in names], common[:cut]
+
+
 def plot_similarity(
     sim: torch.Tensor,
     names: Sequence[str],
@@ -71,7 +83,11 @@ def plot_similarity(
     title: str = "",
     max_tick_labels: int = 80,
 ) -> None:
-    """Heatmap of ``sim`` ordered by cluster, with cluster boundaries; PNG at ``path``."""
+    """Heatmap of ``sim`` ordered by cluster, with cluster boundaries; PNG at ``path``.
+
+    The figure is sized from the number of experts and the length of their names, so
+    labels never overlap or get cut; up to 24 experts the cells show their values.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -80,8 +96,14 @@ def plot_similarity(
     n = len(order)
     off = m[~torch.eye(n, dtype=torch.bool).numpy()]
     lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
-    side = max(6.0, min(3.0 + 0.2 * n, 22.0))
-    fig = Figure(figsize=(side + 1.5, side))
+    shown, prefix = short_names(names)
+    named = n <= max_tick_labels
+    font = max(5.0, min(9.0, 400.0 / n)) if named else 7.0
+    longest = max((len(shown[i]) for i in order), default=4) + 5 if named else 4
+    label_in = 0.6 * font / 72 * longest + 0.3  # about 0.6 em per character
+    cell = max(0.12, min(0.45, 14.0 / n))
+    side = n * cell
+    fig = Figure(figsize=(side + label_in + 1.8, side + label_in + 0.9))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
@@ -90,21 +112,27 @@ def plot_similarity(
     for e in edges:
         ax.axhline(e, color="white", linewidth=1.5)
         ax.axvline(e, color="white", linewidth=1.5)
-    if n <= max_tick_labels:
-        font = max(5.0, min(10.0, 400.0 / n))
-        ticks = [f"{names[i]} (c{labels[i]})" for i in order]
+    if named:
+        ticks = [f"{shown[i]} (c{labels[i]})" for i in order]
         ax.set_xticks(range(n), ticks, rotation=90, fontsize=font)
         ax.set_yticks(range(n), ticks, fontsize=font)
     else:  # too many experts to name: label the clusters instead
         centers = [sum(sizes[:c]) + sizes[c] / 2 - 0.5 for c in range(len(sizes))]
         ax.set_xticks(centers, [f"c{c}" for c in range(len(sizes))], rotation=90, fontsize=7)
         ax.set_yticks(centers, [f"c{c}" for c in range(len(sizes))], fontsize=7)
-    fig.colorbar(
-        im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity (off-diagonal range)"
-    )
-    ax.set_title(title or f"{n} experts, {len(sizes)} clusters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    if n <= 24:
+        mid = (lo + hi) / 2
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5.5,
+                            color="k" if m[i, j] > mid else "w")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
+    head = title or f"{n} experts, {len(sizes)} clusters"
+    if prefix:
+        head += f"\n(names without the shared prefix {prefix!r})"
+    ax.set_title(head, fontsize=9)
+    fig.savefig(path, dpi=120, format="png", bbox_inches="tight")
 
 
 def write_outputs(

@@ -111,6 +111,8 @@ class MixtureLinear(nn.Module):
                 if A is None:
                     return y
                 return (y + nn.functional.linear(nn.functional.linear(x, A), B)).to(y.dtype)
+            if w.dim() > 1 and st.mix == "params" and x.dim() > 1:
+                return (y + self._per_sequence_params(x, w.to(x.dtype))).to(y.dtype)
         else:
             raise LorashelfError(
                 "the mixture has no weights: call set_weights(...) or set_routers(...) first"
@@ -156,6 +158,18 @@ class MixtureLinear(nn.Module):
                 folded = a, torch.einsum("e,oer->or", wk, B[:, keep].float())
             self._folded = (key, *(t if t is None else t.to(dtype) for t in folded))
         return self._folded[1], self._folded[2]
+
+    def _per_sequence_params(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Params mix with one weight row per sequence: mix each row's factors first
+        (``A_b = sum_e w_be A_e``, rank r) and apply them with two batched matmuls, so
+        the LoRA branch costs rank r per token instead of E*r (a LoraHub population)."""
+        e, r = self.n_local, self.rank
+        wb = w.reshape(w.shape[0], e)
+        a = torch.einsum("be,erd->brd", wb, self.A_all.to(x.dtype).view(e, r, -1))
+        b = torch.einsum("be,oer->bor", wb, self.B_all.to(x.dtype).view(-1, e, r))
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         e, r = self.n_local, self.rank

@@ -72,3 +72,13 @@ def test_load_clusters_errors(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(LorashelfError, match=match):
         load_clusters(path)
+
+
+def test_short_names_strip_only_a_whole_shared_prefix():
+    from lorashelf.cluster.report import short_names
+
+    assert short_names(["bigbench__a__x", "bigbench__b"]) == (["a__x", "b"], "bigbench__")
+    assert short_names(["lib/x1", "lib/x2"]) == (["x1", "x2"], "lib/")
+    assert short_names(["expert_1", "expert_2"]) == (["expert_1", "expert_2"], "")  # no "__"
+    assert short_names(["same__", "same__x"]) == (["same__", "same__x"], "")  # would empty one
+    assert short_names(["only__one"]) == (["only__one"], "")

@@ -86,6 +86,36 @@ def test_per_sequence_weights_equal_each_sequence_alone(kit) -> None:
             torch.testing.assert_close(together[b], manual(net, experts, x[b], w[b]))
 
 
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 4, 3)])
+def test_per_sequence_params_mix_equals_each_sequence_alone(kit, ranks) -> None:
+    """The per-row factor mixing (rank r per token) against the folded single-row path
+    and the mixed factors written out by hand, values and gradients in the weights."""
+    net, experts = Net(), layer_experts(kit, ranks=ranks)
+    x = torch.randn(3, 5, D_IN)
+    w = torch.randn(3, 3, requires_grad=True)
+    with attach(net, experts, weights=w, mix="params") as handle:
+        together = net(x)
+        together.square().sum().backward()
+        for b in range(3):
+            handle.set_weights(w[b].detach())
+            torch.testing.assert_close(together[b], net(x[b]), rtol=1e-5, atol=1e-5)
+            f = [fs["proj"] for _, fs in experts]
+            r = max(ranks)  # mixed ranks are mixed as if zero-padded to the largest
+            pad_a = [torch.cat([fi.A, fi.A.new_zeros(r - fi.A.shape[0], D_IN)]) for fi in f]
+            pad_b = [torch.cat([fi.B, fi.B.new_zeros(D_OUT, r - fi.B.shape[1])], 1) for fi in f]
+            a = sum(wi * ai for wi, ai in zip(w[b].detach(), pad_a))
+            bm = sum(wi * fi.scale * bi for wi, fi, bi in zip(w[b].detach(), f, pad_b))
+            want = net.proj.base_layer(x[b]) + x[b] @ a.T @ bm.T
+            torch.testing.assert_close(together[b].detach(), want, rtol=1e-5, atol=1e-5)
+    grad = w.grad.clone()
+    w2 = w.detach().clone().requires_grad_(True)
+    with attach(net, experts, weights=w2, mix="params") as handle:
+        net.proj.state.mix = "params"
+        out = net.proj._dense(x, handle.layers["proj"]._local(w2, x)) + net.proj.base_layer(x)
+        out.square().sum().backward()
+    torch.testing.assert_close(grad, w2.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_router_weights_top_k_equal_e_equal_per_expert_sum(kit) -> None:
     net, experts = Net(), layer_experts(kit)
     protos = torch.nn.functional.normalize(torch.randn(3, D_IN), dim=-1)
