@@ -150,7 +150,12 @@ def compose(
     try:
         experts, scores = _preselected(base_model, experts, shots, config)
         with PopulationScorer(
-            base_model, experts, shots, mix=config.mix, loss=config.loss, chunk=config.chunk,
+            base_model,
+            experts,
+            shots,
+            mix=config.mix,
+            loss=config.loss,
+            chunk=config.chunk,
             lora_dtype=config.torch_lora_dtype,
         ) as scorer:
             if spec.gradient:

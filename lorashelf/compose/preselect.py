@@ -32,7 +32,12 @@ PRESELECTORS: Registry[Preselector] = Registry("preselector")
 def by_loss(model: nn.Module, experts: Experts, shots: ShotBatch, config: ComposeConfig):
     """Minus each expert's own loss on the shots (one-hot weights, batched)."""
     with PopulationScorer(
-        model, experts, shots, mix=config.mix, loss=config.loss, chunk=config.chunk,
+        model,
+        experts,
+        shots,
+        mix=config.mix,
+        loss=config.loss,
+        chunk=config.chunk,
         lora_dtype=config.torch_lora_dtype,
     ) as scorer:
         losses = scorer.losses(torch.eye(len(experts)))

@@ -34,17 +34,8 @@ from lorashelf.data.task import Example
 from lorashelf.errors import LorashelfError
 from lorashelf.route.mixture import attach
 from lorashelf.route.stack import Factors
-from lorashelf.train.batches import batch_order, collate, encode_examples
 from lorashelf.train.config import TrainConfig
-from lorashelf.train.loss import target_nll
-from lorashelf.train.trainer import (
-    autocast,
-    compute_dtype,
-    data_fingerprint,
-    lr_factor,
-    seeded,
-    training_examples,
-)
+from lorashelf.train.trainer import data_fingerprint, optimize, seeded, training_examples
 
 if TYPE_CHECKING:
     from lorashelf.library import Library
@@ -179,34 +170,10 @@ def train_gates(
 
 def _optimize(model, tokenizer, params, examples, config, progress, desc):
     tc = config.as_train_config()
-    device = params[0].device
-    encoded = encode_examples(tokenizer, examples, tc.max_length, tc.chat)
-    order = batch_order([len(e.ids) for e in encoded], tc.batch_size, tc.seed, tc.bucket)
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.steps, tc))
-    dtype = compute_dtype(tc, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    curve, tokens = [], 0
-    model.train()
-    bar = tqdm(total=tc.steps, desc=desc, disable=not progress, leave=False)
-    for _ in range(tc.steps):
-        batch = collate([encoded[i] for i in next(order)], pad_id, device)
-        with autocast(device, dtype):
-            loss = target_nll(model, batch) / len(batch.labels)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        curve.append(round(float(loss.detach()), 5))
-        tokens += batch.n_tokens
-        bar.update()
-        bar.set_postfix(loss=f"{sum(curve[-10:]) / len(curve[-10:]):.4f}")
-    bar.close()
-    return curve, tokens
+    curve, tokens, _ = optimize(
+        model, tokenizer, params, examples, tc, tc.steps, progress=progress, desc=desc
+    )
+    return curve, sum(tokens)
 
 
 # ---------------------------------------------------------------- a library's experts

@@ -224,25 +224,51 @@ def mean_target_nll(
 
 
 def _loop(peft_model, tokenizer, train, config, steps, device, progress, desc):
-    encoded = encode_examples(tokenizer, train, config.max_length, config.chat)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return optimize(
+        peft_model, tokenizer, params, train, config, steps,
+        weights=weights_dtype(peft_model), progress=progress, desc=desc,
+    )  # fmt: skip
+
+
+def optimize(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    params: list[torch.Tensor],
+    examples: Sequence[Example],
+    config: TrainConfig,
+    steps: int,
+    *,
+    weights: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[list[float], list[int], list[float]]:
+    """``steps`` AdamW steps on ``params`` minimising the target NLL of ``examples``.
+
+    The one training loop of lorashelf (LoRA experts here, PHATGOOSE gates in
+    lorashelf.route.gates): length-bucketed batches, autocast to the compute dtype
+    (``weights``: the model's weight dtype, which "auto" respects), a grad scaler for
+    fp16, clipping, warm-up + schedule. Returns the loss per step, the target tokens
+    per step and the seconds per step; a non-finite loss stops with advice.
+    """
+    device = params[0].device
+    encoded = encode_examples(tokenizer, examples, config.max_length, config.chat)
     order = batch_order(
         [len(e.ids) for e in encoded], config.batch_size, config.seed, config.bucket
     )
-    params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, config))
-    weights = weights_dtype(peft_model)
     dtype = compute_dtype(config, device, weights)
     scaler = torch.amp.GradScaler(device.type, enabled=torch.float16 in (dtype, weights))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     curve, tokens, times = [], [], []
-    peft_model.train()
+    model.train()
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = collate([encoded[i] for i in next(order)], pad_id, device)
         with autocast(device, dtype):
-            loss = target_nll(peft_model, batch) / len(batch.labels)
+            loss = target_nll(model, batch) / len(batch.labels)
         if not torch.isfinite(loss):
             raise LorashelfError(
                 f"training diverged: loss is {loss.item()} at step {len(curve) + 1}; "

@@ -64,7 +64,11 @@ def test_agreement_mbc_recovers_families_random_does_not(planted):
     summary = {s["method"]: s for s in summarise(rows)}
     assert summary["mbc"]["ari_mean"] == 1.0 and summary["mbc"]["ari_std"] == 0.0
     assert summary["random"]["seeds"] == 3
-    assert summary["random"]["ari_min"] <= summary["random"]["ari_mean"] <= summary["random"]["ari_max"]
+    assert (
+        summary["random"]["ari_min"]
+        <= summary["random"]["ari_mean"]
+        <= summary["random"]["ari_max"]
+    )
 
 
 def test_cluster_check_cli(peft_library, tmp_path, capsys):

@@ -240,7 +240,10 @@ def test_lora_dtype_float32_on_bf16_model_equals_peft(kit, model, shapes, ids, t
     loaded = kit.read_lora_factors(path)
     model = copy.deepcopy(model).to(torch.bfloat16)
     peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()
-    assert peft.base_model.model.get_submodule(next(iter(shapes))).lora_A["default"].weight.dtype == torch.float32
+    assert (
+        peft.base_model.model.get_submodule(next(iter(shapes))).lora_A["default"].weight.dtype
+        == torch.float32
+    )
     with torch.no_grad():
         want = peft(input_ids=ids).logits
         with attach(model, [("a", loaded)], weights=[1.0], lora_dtype=torch.float32) as h:
