@@ -9,11 +9,12 @@ lorashelf attaches the experts once as a mixture and scores a whole CMA-ES gener
 in one batched forward pass, the LM head only at target positions. Both drive the same
 CMA-ES (``cma`` package, same seed, whole generations asked), so equal losses give
 equal trajectories; the table gives the wall time per candidate, the final losses, and
-where (if anywhere) rounding made the two trajectories part. In bf16 they part: PEFT
-keeps adapter weights in fp32 and runs the LoRA path in fp32 over the bf16 base, while
-lorashelf's mixture layer runs it in the activations' dtype, so losses differ by
-~1e-3 and CMA-ES may rank two close candidates differently. ``--dtype fp32`` removes
-the difference and shows the identical trajectory.
+where (if anywhere) rounding made the two trajectories part. PEFT keeps adapter weights
+in float32 over a bf16 base and runs the LoRA branch in float32; lorashelf's scorer does
+the same by default (``--lora-dtype float32``), so the per-candidate losses agree to
+bf16 rounding of the base matmuls, which still depends on batch shapes (a population of
+60 sequences against 5). ``--lora-dtype model`` runs the branch in bf16 (faster, rounds
+differently); ``--dtype fp32`` removes all rounding differences.
 
 Experts: the first E experts of ``--library DIR`` if given, else E random rank-4 LoRAs
 on q/k/v/o_proj of every layer, scaled like trained ones (A from the trainer's init
@@ -147,6 +148,10 @@ def main() -> int:
         "--dtype", default="bf16", choices=("bf16", "fp32"),
         help="model dtype; in bf16 the two LoRA paths round differently (see the docstring)",
     )  # fmt: skip
+    ap.add_argument(
+        "--lora-dtype", default="float32", choices=("float32", "model"),
+        help="lorashelf's LoRA-branch precision while scoring (float32: as PEFT)",
+    )  # fmt: skip
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="budget 12 (one CMA-ES generation)")
     args = ap.parse_args()
@@ -163,7 +168,9 @@ def main() -> int:
         if args.library
         else random_experts(model, args.experts, args.seed)
     )
-    config = ComposeConfig(budget=budget, seed=args.seed, optimizer="cma")
+    config = ComposeConfig(
+        budget=budget, seed=args.seed, optimizer="cma", lora_dtype=args.lora_dtype
+    )
     ref = ReferenceLoop(model, tok, experts, shots, config.l1)
     ref.score(np.zeros(len(experts)))  # warm both paths up once
     compose(model, tok, experts, shots, ComposeConfig(budget=1, optimizer="ngopt"))
@@ -176,13 +183,19 @@ def main() -> int:
     ref_trace = ref.search(config)
     t_ref = time.perf_counter() - t0
     load1 = os.getloadavg()[0]
+    # the scorers themselves, free of CMA-ES's sensitivity: every candidate lorashelf
+    # scored, scored again by the reference
+    replay = [ref.score(np.asarray(t["weights"]))["loss"] for t in ours.trace]
+    replay_diff = max(abs(a - t["loss"]) for a, t in zip(replay, ours.trace))
+    ours_best = min(range(len(replay)), key=lambda i: ours.trace[i]["loss"])
     ref_best = min(ref_trace, key=lambda t: t["loss"])
     prefix = shared_prefix(ours.trace, ref_trace)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ours.trace[:prefix], ref_trace)]
     per_ours, per_ref = t_ours / ours.evaluations, t_ref / len(ref_trace)
 
     print(f"{len(experts)} experts (rank {RANK}, {'library' if args.library else 'random'}), "
-          f"{args.shots} shots of {TASK}, budget {budget}, seed {args.seed}, {args.dtype}, "
+          f"{args.shots} shots of {TASK}, budget {budget}, seed {args.seed}, {args.dtype} "
+          f"(LoRA branch {args.lora_dtype}), "
           f"torch threads {torch.get_num_threads()}, load avg {load0:.1f} -> {load1:.1f}")  # fmt: skip
     print(f"{'method':<34}{'cands':>6}{'passes':>7}{'s/cand':>9}{'total s':>9}{'final loss':>12}")
     print(f"{'reference (merge+load, 1 by 1)':<34}{len(ref_trace):>6}{len(ref_trace):>7}"
@@ -193,16 +206,23 @@ def main() -> int:
         f"trajectories identical for {prefix}/{budget} candidates; "
         f"max |loss diff| there {max(diffs, default=0.0):.2e}"
     )
+    print(
+        f"replaying lorashelf's {len(replay)} candidates through the reference: max |loss diff| "
+        f"{replay_diff:.2e}; its best candidate scores {ours.trace[ours_best]['loss']:.5f} "
+        f"here, {replay[ours_best]:.5f} there"
+    )
     print(f"lorahub_speed: {per_ref / per_ours:.2f}x faster per candidate than the reference "
           f"loop; final loss {ours.loss:.5f} vs {ref_best['loss']:.5f} "
           f"(rel. diff {abs(ours.loss - ref_best['loss']) / ref_best['loss']:.1e})")  # fmt: skip
     write_json(args.json, {
         "experts": len(experts), "shots": args.shots, "budget": budget, "seed": args.seed,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "lora_dtype": args.lora_dtype,
         "seconds_per_candidate": {"reference": per_ref, "lorashelf": per_ours},
         "speedup": per_ref / per_ours, "passes": {"reference": len(ref_trace), "lorashelf": ours.passes},
         "final_loss": {"reference": ref_best["loss"], "lorashelf": ours.loss},
         "identical_prefix": prefix, "max_loss_diff_on_prefix": max(diffs, default=0.0),
+        "replay_max_loss_diff": replay_diff,
+        "best_candidate_loss": {"lorashelf": ours.trace[ours_best]["loss"], "reference": replay[ours_best]},
         "load_average": [load0, load1],
     })  # fmt: skip
     return 0

@@ -29,6 +29,15 @@ def test_cluster_cli_writes_json_and_heatmap(peft_library, tmp_path, capsys):
     rc = main(["cluster", str(lib), "--k", "3", "--method", "random", "--sizes-from", str(out),
                "--out", str(out2)])  # fmt: skip
     assert rc == 0 and json.loads(out2.read_text())["stats"]["sizes"] == doc["stats"]["sizes"]
+    # centred similarity: the same families, recorded in the config, more contrast
+    out3 = tmp_path / "centred.json"
+    rc = main(["cluster", str(lib), "--k", "3", "--center", "--out", str(out3)])
+    centred = json.loads(out3.read_text())
+    assert rc == 0 and centred["config"]["center"] is True and doc["config"]["center"] is False
+    labels3 = {e: c["id"] for c in centred["clusters"] for e in c["experts"]}
+    assert adjusted_rand_index([labels3[n] for n in names], [truth[n] for n in names]) == 1.0
+    gap = lambda d: d["stats"]["mean_intra_cosine"] - d["stats"]["mean_inter_cosine"]  # noqa: E731
+    assert gap(centred) > gap(doc)
 
 
 @pytest.mark.parametrize(
