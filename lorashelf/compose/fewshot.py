@@ -62,21 +62,25 @@ def run_method(spec: FewShotMethod, ctx: FewShotContext, evaluate: Evaluate) -> 
     """Build one method, score it, restore the base model (also on errors)."""
     start = time.perf_counter()
     built = spec.build(ctx)
+    build = time.perf_counter() - start
     try:
         scores = evaluate(built.model, ctx.base.tokenizer, built.task)
     finally:
         built.close()
-    return {**scores, "seconds": time.perf_counter() - start, "info": built.info}
+    seconds = time.perf_counter() - start
+    return {**scores, "seconds": seconds, "build_seconds": build, "info": built.info}
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     accs = [r["accuracy"] for r in runs]
     nlls = [r["nll"] for r in runs]
+    builds = [r.get("build_seconds", 0.0) for r in runs]
     return {
         "mean_accuracy": sum(accs) / len(accs),
         "best_accuracy": max(accs),
         "mean_nll": sum(nlls) / len(nlls),
         "best_nll": min(nlls),
+        "build_seconds": sum(builds) / len(builds),
         "runs": list(runs),
     }
 
@@ -122,7 +126,7 @@ def run_fewshot(
 
 
 def _means(tasks: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, dict[str, float]]:
-    keys = ("mean_accuracy", "best_accuracy", "mean_nll", "best_nll")
+    keys = ("mean_accuracy", "best_accuracy", "mean_nll", "best_nll", "build_seconds")
     return {
         m: {k: sum(t[m][k] for t in tasks.values()) / len(tasks) for k in keys} for m in methods
     }
@@ -165,11 +169,12 @@ def mean_weights(tasks: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]
 
 
 def fewshot_table(report: dict[str, Any], title: str = "few-shot comparison") -> Any:
-    """A rich table: per task and method, accuracy and gold NLL (mean and best over seeds)."""
+    """A rich table: per task and method, accuracy and gold NLL (mean and best over seeds)
+    and the seconds to build the method (compose, train, merge) before evaluating it."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("task", "method", "acc mean", "acc best", "NLL mean", "NLL best"):
+    for col in ("task", "method", "acc mean", "acc best", "NLL mean", "NLL best", "build s"):
         text = col in ("task", "method")
         table.add_column(
             col, justify="left" if text else "right", overflow="fold" if text else "ellipsis"
@@ -184,6 +189,7 @@ def fewshot_table(report: dict[str, Any], title: str = "few-shot comparison") ->
                 f"{s['best_accuracy']:.3f}",
                 f"{s['mean_nll']:.3f}",
                 f"{s['best_nll']:.3f}",
+                f"{s.get('build_seconds', 0.0):.1f}",
             )
         table.add_section()
     return table

@@ -91,6 +91,9 @@ def test_runner_report_counts_seeds_and_summarises(ctx):
     assert per["icl"]["mean_nll"] == pytest.approx(4.0) and per["icl"]["best_nll"] == 3.0
     assert report["mean"]["zero-shot"]["mean_accuracy"] == 0.5
     assert len({r["shots"] for r in per["icl"]["runs"]}) == 3  # each seed its own shots
+    for r in per["icl"]["runs"]:  # building (the prompt) is part of, and less than, the run
+        assert 0 <= r["build_seconds"] <= r["seconds"]
+    assert "build_seconds" in report["mean"]["icl"]
 
 
 def test_summarise_mean_and_best():
