@@ -60,6 +60,31 @@ class MixtureState:
     recorder: Any = None  # lorashelf.route.stats.Recorder while recording
     lora_dtype: torch.dtype | None = None  # LoRA-branch precision; None = activations'
     version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
+    _groups: tuple | None = None
+
+    def row_groups(self, device: torch.device) -> tuple[list[Any], list[int]]:
+        """For per-sequence weights: the rows of each group of identical weight rows (a
+        slice when contiguous, as a candidate's shots are, else an index tensor) and the
+        first row of each group; computed once per ``set_weights``."""
+        w = self.weights
+        assert w is not None and w.dim() == 2
+        key = (self.version, w._version, str(device))
+        if self._groups is None or self._groups[0] != key:
+            _, inverse = torch.unique(w.detach().cpu(), dim=0, return_inverse=True)
+            groups: dict[int, list[int]] = {}
+            for i, g in enumerate(inverse.tolist()):
+                groups.setdefault(g, []).append(i)
+            spans, first = [], []
+            for rows in sorted(groups.values()):  # in order of first appearance
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)
+                spans.append(
+                    slice(rows[0], rows[-1] + 1)
+                    if contiguous
+                    else torch.tensor(rows, device=device)
+                )
+                first.append(rows[0])
+            self._groups = (key, spans, first)
+        return self._groups[1], self._groups[2]
 
 
 class MixtureLinear(nn.Module):
@@ -161,14 +186,26 @@ class MixtureLinear(nn.Module):
 
     def _per_sequence_params(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Params mix with one weight row per sequence: mix each row's factors first
-        (``A_b = sum_e w_be A_e``, rank r) and apply them with two batched matmuls, so
-        the LoRA branch costs rank r per token instead of E*r (a LoraHub population)."""
+        (``A_b = sum_e w_be A_e``, rank r) and apply them, so the LoRA branch costs rank
+        r per token instead of E*r (a LoraHub population).
+
+        Sequences with the same weight row (a candidate's shots) go through one 2-D
+        matmul per distinct row. Each candidate's product then has the same shape
+        however many candidates share the batch, so its result does not depend on them
+        (a batched matmul's kernel choice does, which bf16 models amplify)."""
         e, r = self.n_local, self.rank
         wb = w.reshape(w.shape[0], e)
-        a = torch.einsum("be,erd->brd", wb, self.A_all.to(x.dtype).view(e, r, -1))
-        b = torch.einsum("be,oer->bor", wb, self.B_all.to(x.dtype).view(-1, e, r))
+        spans, first = self.state.row_groups(x.device)
+        A = self.A_all.to(x.dtype).view(e, r, -1)
+        B = self.B_all.to(x.dtype).view(-1, e, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+        out = x3.new_empty(*x3.shape[:2], B.shape[0])
+        for g, row in enumerate(first):
+            a = torch.einsum("e,erd->rd", wb[row], A)
+            b = torch.einsum("e,oer->or", wb[row], B)
+            rows = spans[g]
+            xg = x3[rows].flatten(0, 1)
+            out[rows] = (xg @ a.T @ b.T).view(-1, x3.shape[1], out.shape[-1])
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,20 @@ def test_bf16_scorer_loss_is_the_reference_loss_with_float32_lora(
             got[dtype] = float(scorer.losses(torch.tensor([WEIGHTS]))[0])
     assert got[torch.float32] == pytest.approx(want, rel=1e-6)
     assert abs(got[None] - want) > abs(got[torch.float32] - want)
+
+
+def test_bf16_population_losses_do_not_depend_on_the_other_candidates(
+    tiny_model, tiny_tokenizer, make_library, shots
+):
+    """Each candidate's loss is the same bits alone or in any population (bf16 amplifies
+    any shape-dependent rounding of a batched kernel into visible loss changes)."""
+    lib = make_library(4)
+    experts = resolve_experts(lib, None, torch.device("cpu"))
+    batch = encode_shots(tiny_tokenizer, shots, max_length=512)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    population = torch.rand(9, 4, generator=torch.Generator().manual_seed(2)) * 3 - 1.5
+    with PopulationScorer(model, experts, batch, mix="params", chunk=4) as scorer:
+        batched = scorer.losses(population)
+        single = torch.cat([scorer.losses(w[None]) for w in population])
+        shuffled = scorer.losses(population.flip(0)).flip(0)
+    assert torch.equal(batched, single) and torch.equal(batched, shuffled)
