@@ -18,15 +18,22 @@ def home() -> Path:
 
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (
+                platform.processor() or platform.machine()
+            ):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    # bf16 speed, and so most ratios here, depends on these more than on the model name
+    units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"))
+             if flag in flags]  # fmt: skip
     return {
-        "cpu": cpu,
+        "cpu": f"{cpu} ({', '.join(units) or 'no bf16 matrix units'})",
         "cores": str(os.cpu_count()),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),

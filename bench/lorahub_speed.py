@@ -211,7 +211,7 @@ def main() -> int:
         f"{replay_diff:.2e}; its best candidate scores {ours.trace[ours_best]['loss']:.5f} "
         f"here, {replay[ours_best]:.5f} there"
     )
-    print(f"lorahub_speed: {per_ref / per_ours:.2f}x faster per candidate than the reference "
+    print(f"RESULT lorahub_speed: {per_ref / per_ours:.2f}x faster per candidate than the reference "
           f"loop; final loss {ours.loss:.5f} vs {ref_best['loss']:.5f} "
           f"(rel. diff {abs(ours.loss - ref_best['loss']) / ref_best['loss']:.1e})")  # fmt: skip
     write_json(args.json, {

@@ -35,6 +35,26 @@ def doc_summary(path: Path) -> str:
     return doc.split("\n\n", 1)[0].replace("\n", " ")
 
 
+def with_summary(text: str, header_end: str = "\n## ") -> str:
+    """``text`` (a BENCHMARKS.md) with a table of every ``RESULT name: ...`` line, placed
+    before the first section (an older table is replaced). The lines are the
+    benchmarks' own words: ratio, baseline, target."""
+    rows = [
+        line.removeprefix("RESULT ").split(": ", 1)
+        for line in text.splitlines()
+        if line.startswith("RESULT ") and ": " in line
+    ]
+    table = "\n## Summary\n\n| benchmark | result |\n|---|---|\n" + "".join(
+        f"| `{name}` | {what.replace('|', '/')} |\n" for name, what in rows
+    )
+    head, sep, rest = text.partition(header_end)
+    if "\n## Summary\n" in head + sep:
+        head = head.split("\n## Summary\n", 1)[0]
+    if rest.startswith("Summary\n"):  # the table is the first section: drop it
+        rest = rest.split(header_end, 1)[1] if header_end in rest else ""
+    return head + table + sep + rest
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
@@ -42,7 +62,13 @@ def main() -> int:
         "--quick", action="store_true", help="pass --quick to benchmarks that accept it"
     )
     ap.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
+    ap.add_argument(
+        "--summary-only", action="store_true", help="only (re)write the summary table of --out"
+    )
     args = ap.parse_args()
+    if args.summary_only:
+        Path(args.out).write_text(with_summary(Path(args.out).read_text()))
+        return 0
     found = {
         p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"
     }
@@ -77,7 +103,7 @@ def main() -> int:
             f"\n## {name}\n\n{doc_summary(path)}\n\n"
             f"`python bench/{path.name}` - {status}, {secs:.0f} s\n\n```\n{out}\n```\n"
         )
-    Path(args.out).write_text("".join(parts))
+    Path(args.out).write_text(with_summary("".join(parts)))
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
