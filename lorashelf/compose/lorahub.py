@@ -149,15 +149,7 @@ def compose(
     base_model.eval()
     try:
         experts, scores = _preselected(base_model, experts, shots, config)
-        with PopulationScorer(
-            base_model,
-            experts,
-            shots,
-            mix=config.mix,
-            loss=config.loss,
-            chunk=config.chunk,
-            lora_dtype=config.torch_lora_dtype,
-        ) as scorer:
+        with PopulationScorer.from_config(base_model, experts, shots, config) as scorer:
             if spec.gradient:
                 weights, trace = adam_search(base_model, scorer, config, progress)
             else:

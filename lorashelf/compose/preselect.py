@@ -31,15 +31,7 @@ PRESELECTORS: Registry[Preselector] = Registry("preselector")
 @PRESELECTORS.register("loss")
 def by_loss(model: nn.Module, experts: Experts, shots: ShotBatch, config: ComposeConfig):
     """Minus each expert's own loss on the shots (one-hot weights, batched)."""
-    with PopulationScorer(
-        model,
-        experts,
-        shots,
-        mix=config.mix,
-        loss=config.loss,
-        chunk=config.chunk,
-        lora_dtype=config.torch_lora_dtype,
-    ) as scorer:
+    with PopulationScorer.from_config(model, experts, shots, config) as scorer:
         losses = scorer.losses(torch.eye(len(experts)))
     return (-losses).tolist()
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.shots import ShotBatch
 from lorashelf.route import attach
 from lorashelf.route.stack import Experts
@@ -57,6 +58,16 @@ class PopulationScorer:
         self.handle = attach(model, experts, mix=mix, lora_dtype=lora_dtype)
         self.names = self.handle.expert_names
         self.passes = 0  # forward passes run (for benchmarks and reports)
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, experts: Experts, shots: ShotBatch, config: ComposeConfig
+    ) -> PopulationScorer:
+        """The scorer a composition ``config`` asks for (mix, loss, chunk, LoRA dtype)."""
+        return cls(
+            model, experts, shots, mix=config.mix, loss=config.loss, chunk=config.chunk,
+            lora_dtype=config.torch_lora_dtype,
+        )  # fmt: skip
 
     @property
     def n_experts(self) -> int:
