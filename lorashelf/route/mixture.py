@@ -200,10 +200,9 @@ class MixtureLinear(nn.Module):
         B = self.B_all.to(x.dtype).view(-1, e, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         out = x3.new_empty(*x3.shape[:2], B.shape[0])
-        for g, row in enumerate(first):
+        for row, rows in zip(first, spans):
             a = torch.einsum("e,erd->rd", wb[row], A)
             b = torch.einsum("e,oer->or", wb[row], B)
-            rows = spans[g]
             xg = x3[rows].flatten(0, 1)
             out[rows] = (xg @ a.T @ b.T).view(-1, x3.shape[1], out.shape[-1])
         return out.reshape(*x.shape[:-1], out.shape[-1])
