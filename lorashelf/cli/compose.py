@@ -25,6 +25,10 @@ def _compose_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lora-dtype", default="float32", help="LoRA branch while scoring: float32 or model"
     )
+    g.add_argument(
+        "--layout", default="auto",
+        help="shots per candidate: auto (default), prefix (shared prompt prefix once) or padded",
+    )  # fmt: skip
     g.add_argument("--max-examples", type=int, default=None, help="cap examples read per task")
 
 
@@ -67,6 +71,7 @@ def _config(args: argparse.Namespace, seed: int = 0):
         budget=args.budget, mix=args.mix, optimizer=args.optimizer, popsize=args.popsize,
         l1=args.l1, loss=args.loss, chunk=args.chunk, chat=args.chat, seed=seed,
         save_rank=getattr(args, "save_rank", None), lora_dtype=args.lora_dtype,
+        layout=args.layout,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from lorashelf.errors import LorashelfError
 MIXES = ("params", "output")
 LOSSES = ("reference", "token", "example")
 LORA_DTYPES = ("float32", "model")
+LAYOUTS = ("auto", "prefix", "padded")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class ComposeConfig:
     the LoRA branch's precision while scoring: ``float32`` (default) is what PEFT and
     the reference compute on a bf16 model, so both searches see the same losses;
     ``model`` runs it in the model's dtype (a little faster, rounds differently).
+    ``layout`` feeds each candidate's shots ``padded`` (as the reference does),
+    ``prefix`` (their common prompt prefix once; same hidden states) or ``auto``
+    (the prefix when the shots share one; lorashelf.compose.layout).
     """
 
     experts: tuple[str, ...] | None = None
@@ -60,6 +64,7 @@ class ComposeConfig:
     max_length: int | None = None
     save_rank: int | None = None
     lora_dtype: str = "float32"
+    layout: str = "auto"
 
     @property
     def torch_lora_dtype(self):
@@ -90,6 +95,10 @@ class ComposeConfig:
             (
                 self.lora_dtype in LORA_DTYPES,
                 f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, not {self.lora_dtype!r}",
+            ),
+            (
+                self.layout in LAYOUTS,
+                f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}",
             ),
             (self.experts is None or len(self.experts) > 0, "experts is empty; pass None for all"),
         ]

@@ -7,7 +7,8 @@ position. Here the experts stay attached once as lorashelf's mixture layer
 (lorashelf.route.mixture) and every sequence carries its own weights: the shots are
 replicated once per candidate and a ``(P*N, E)`` weight matrix gives row ``p*N + i``
 candidate ``p``'s weights, so a CMA-ES generation of ``P`` candidates costs one
-batched pass (chunked to bound memory). Only the hidden states that predict target
+batched pass (chunked to bound memory). The shots' common prompt prefix runs once per
+candidate (lorashelf.compose.layout), and only the hidden states that predict target
 tokens go through the LM head. The same code is differentiable in the weights, which
 the gradient baseline (Adam on ``w``) uses.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorashelf.compose.config import ComposeConfig
+from lorashelf.compose.layout import choose_layout
 from lorashelf.compose.shots import ShotBatch
 from lorashelf.route import attach
 from lorashelf.route.stack import Experts
@@ -45,13 +47,11 @@ class PopulationScorer:
         loss: str = "reference",
         chunk: int = 16,
         lora_dtype: torch.dtype | None = torch.float32,
+        layout: str = "auto",
     ) -> None:
         self.backbone, self.head = split_lm(model)
         device = next(model.parameters()).device
-        self.ids = shots.input_ids.to(device)
-        self.mask = shots.attention_mask.to(device)
-        self.rows, self.cols = shots.rows.to(device), shots.cols.to(device)
-        self.labels = shots.labels.to(device)
+        self.layout = choose_layout(shots, layout).to(device)
         self.n = shots.n_examples
         self.n_targets = torch.tensor(shots.n_targets, device=device, dtype=torch.float32)
         self.loss, self.chunk = loss, chunk
@@ -66,7 +66,7 @@ class PopulationScorer:
         """The scorer a composition ``config`` asks for (mix, loss, chunk, LoRA dtype)."""
         return cls(
             model, experts, shots, mix=config.mix, loss=config.loss, chunk=config.chunk,
-            lora_dtype=config.torch_lora_dtype,
+            lora_dtype=config.torch_lora_dtype, layout=config.layout,
         )  # fmt: skip
 
     @property
@@ -75,22 +75,39 @@ class PopulationScorer:
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
         """Loss of each row of ``weights [P, E]`` as ``[P]`` float32, differentiable."""
-        p = weights.shape[0]
-        self.handle.set_weights(weights.repeat_interleave(self.n, dim=0))
+        p, lay = weights.shape[0], self.layout
+        n = lay.n_shots
+        cache, before = None, []
+        if lay.prefix:  # the shared prefix once per candidate, its keys and values kept
+            self.handle.set_weights(weights)
+            out = self.backbone(
+                input_ids=lay.prefix_ids.expand(p, -1),
+                attention_mask=lay.prefix_mask.expand(p, -1),
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            cache.crop(lay.prefix - lay.prefix_ids.shape[1])  # drop the pad (a no-op at 0)
+            cache.batch_repeat_interleave(n)
+            before = [out.last_hidden_state[:, : lay.prefix].repeat_interleave(n, dim=0)]
+        self.handle.set_weights(weights.repeat_interleave(n, dim=0))
         out = self.backbone(
-            input_ids=self.ids.repeat(p, 1), attention_mask=self.mask.repeat(p, 1), use_cache=False
+            input_ids=lay.input_ids.repeat(p, 1),
+            attention_mask=lay.attention_mask.repeat(p, 1),
+            past_key_values=cache,
+            use_cache=cache is not None,
         )
         self.passes += 1
-        offsets = torch.arange(p, device=self.ids.device)[:, None] * self.n
-        hidden = out.last_hidden_state[(offsets + self.rows).flatten(), self.cols.repeat(p)]
+        hidden = torch.cat([*before, out.last_hidden_state], dim=1)
+        offsets = torch.arange(p, device=lay.shot.device)[:, None] * n
+        hidden = hidden[(offsets + lay.shot).flatten(), lay.col.repeat(p)]
         logits = self.head(hidden).float()
-        ce = F.cross_entropy(logits, self.labels.repeat(p), reduction="none").view(p, -1)
+        ce = F.cross_entropy(logits, lay.labels.repeat(p), reduction="none").view(p, -1)
         return self._reduce(ce)
 
     def _reduce(self, ce: torch.Tensor) -> torch.Tensor:
         if self.loss == "example":
             per_shot = torch.zeros(ce.shape[0], self.n, device=ce.device)
-            per_shot.index_add_(1, self.rows, ce)
+            per_shot.index_add_(1, self.layout.shot, ce)
             return (per_shot / self.n_targets).mean(1)
         pooled = ce.mean(1)
         return pooled / self.n if self.loss == "reference" else pooled
@@ -98,7 +115,7 @@ class PopulationScorer:
     @torch.no_grad()
     def losses(self, weights: torch.Tensor) -> torch.Tensor:
         """Loss of each row of ``weights [P, E]`` on the CPU, ``chunk`` rows per pass."""
-        w = weights.to(device=self.ids.device, dtype=torch.float32)
+        w = weights.to(device=self.layout.labels.device, dtype=torch.float32)
         parts = [self.forward(w[i : i + self.chunk]) for i in range(0, w.shape[0], self.chunk)]
         return torch.cat(parts).cpu()
 

@@ -61,6 +61,17 @@ class MixtureState:
     lora_dtype: torch.dtype | None = None  # LoRA-branch precision; None = activations'
     version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
     _groups: tuple | None = None
+    _cast: tuple | None = None  # (input, input in lora_dtype): q/k/v share one input
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in ``lora_dtype``, cast once for all the layers that read the same
+        tensor (a transformer's q, k and v projections)."""
+        if x.dtype == self.lora_dtype:
+            return x
+        c = self._cast
+        if c is None or c[0] is not x or c[1] != x._version:
+            c = self._cast = (x, x._version, x.to(self.lora_dtype))
+        return c[2]
 
     def row_groups(self, device: torch.device) -> tuple[list[Any], list[int]]:
         """For per-sequence weights: the rows of each group of identical weight rows (a
@@ -83,8 +94,14 @@ class MixtureState:
                     else torch.tensor(rows, device=device)
                 )
                 first.append(rows[0])
-            self._groups = (key, spans, first)
+            self._groups = (key, spans, first, w.detach()[first].clone())
         return self._groups[1], self._groups[2]
+
+    def distinct_rows(self) -> torch.Tensor:
+        """The distinct weight rows, in the order of :meth:`row_groups`' groups (call
+        that first)."""
+        assert self._groups is not None
+        return self._groups[3]
 
 
 class MixtureLinear(nn.Module):
@@ -114,12 +131,13 @@ class MixtureLinear(nn.Module):
         self.register_buffer("members", members.to(w.device), False)
         self.complete = list(stack.members) == list(range(state.n_experts))
         self._folded: tuple[tuple, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._mix_cache: tuple | None = None  # (distinct weight rows, key, factors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         st = self.state
         if st.lora_dtype is not None:
-            x = x.to(st.lora_dtype)
+            x = st.cast(x)
         if st.routed:
             if self.router is None:  # the router method has no router for this module
                 return y
@@ -137,7 +155,7 @@ class MixtureLinear(nn.Module):
                     return y
                 return (y + nn.functional.linear(nn.functional.linear(x, A), B)).to(y.dtype)
             if w.dim() > 1 and st.mix == "params" and x.dim() > 1:
-                return (y + self._per_sequence_params(x, w.to(x.dtype))).to(y.dtype)
+                return self._per_sequence_params(x, w.to(x.dtype), y)
         else:
             raise LorashelfError(
                 "the mixture has no weights: call set_weights(...) or set_routers(...) first"
@@ -184,28 +202,62 @@ class MixtureLinear(nn.Module):
             self._folded = (key, *(t if t is None else t.to(dtype) for t in folded))
         return self._folded[1], self._folded[2]
 
-    def _per_sequence_params(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Params mix with one weight row per sequence: mix each row's factors first
-        (``A_b = sum_e w_be A_e``, rank r) and apply them, so the LoRA branch costs rank
-        r per token instead of E*r (a LoraHub population).
+    def _per_sequence_params(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+        """``y`` plus the params mix with one weight row per sequence: each row's factors
+        are mixed first (``A_b = sum_e w_be A_e``, rank r) and applied, so the LoRA
+        branch costs rank r per token instead of E*r (a LoraHub population).
 
         Sequences with the same weight row (a candidate's shots) go through one 2-D
         matmul per distinct row. Each candidate's product then has the same shape
         however many candidates share the batch, so its result does not depend on them
-        (a batched matmul's kernel choice does, which bf16 models amplify)."""
-        e, r = self.n_local, self.rank
-        wb = w.reshape(w.shape[0], e)
+        (a batched matmul's kernel choice does, which bf16 models amplify). Without
+        autograd the sum is written into ``y`` in place, rounded once to its dtype."""
         spans, first = self.state.row_groups(x.device)
-        A = self.A_all.to(x.dtype).view(e, r, -1)
-        B = self.B_all.to(x.dtype).view(-1, e, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        out = x3.new_empty(*x3.shape[:2], B.shape[0])
-        for row, rows in zip(first, spans):
-            a = torch.einsum("e,erd->rd", wb[row], A)
-            b = torch.einsum("e,oer->or", wb[row], B)
-            xg = x3[rows].flatten(0, 1)
-            out[rows] = (xg @ a.T @ b.T).view(-1, x3.shape[1], out.shape[-1])
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        in_place = not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        y3 = y.reshape(*x3.shape[:2], y.shape[-1])
+        out = (
+            y3 if in_place else y3.new_empty(y3.shape, dtype=torch.promote_types(y.dtype, x.dtype))
+        )
+        factors = self._mixed(w, first, x.dtype)
+        for (a, b), rows in zip(factors, spans):
+            delta = (x3[rows].flatten(0, 1) @ a.T @ b.T).view(-1, *y3.shape[1:])
+            if not in_place:
+                out[rows] = y3[rows] + delta
+            elif isinstance(rows, slice):
+                out[rows].add_(delta)  # computed in float32 when delta is, rounded once
+            else:
+                out[rows] = (y3[rows] + delta).to(y.dtype)
+        return out.to(y.dtype).reshape(y.shape)
+
+    def _mixed(self, w: torch.Tensor, first: list[int], dtype: torch.dtype) -> list[tuple]:
+        """Each weight group's mixed factors ``(sum_e w_e A_e, sum_e w_e scale_e B_e)``.
+        Without autograd they are cached by the distinct rows' values, so a population
+        scored in two passes (a shared prompt prefix, then the rest of the shots) mixes
+        its factors once."""
+        e, r = self.n_local, self.rank
+        cacheable = not w.requires_grad
+        if cacheable:
+            rows = self.state.distinct_rows()
+            key = (dtype, self.A_all.data_ptr(), self.B_all.data_ptr())
+            c = self._mix_cache
+            if (
+                c is not None
+                and c[1] == key
+                and c[0].shape == rows.shape
+                and torch.equal(c[0], rows)
+            ):
+                return c[2]
+        wb = w.reshape(w.shape[0], e)
+        A = self.A_all.to(dtype).view(e, r, -1)
+        B = self.B_all.to(dtype).view(-1, e, r)
+        factors = [
+            (torch.einsum("e,erd->rd", wb[i], A), torch.einsum("e,oer->or", wb[i], B))
+            for i in first
+        ]
+        if cacheable:
+            self._mix_cache = (rows, key, factors)
+        return factors
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         e, r = self.n_local, self.rank
