@@ -217,8 +217,10 @@ def main() -> int:
         layout=args.layout,
     )  # fmt: skip
     ref = ReferenceLoop(model, tok, experts, shots, config.l1)
-    ref.score(np.zeros(len(experts)))  # warm both paths up once
-    compose(model, tok, experts, shots, ComposeConfig(budget=1, optimizer="ngopt"))
+    # warm both paths up: the reference has one batch shape, lorashelf one per
+    # population size and pass, so it runs the whole search once
+    ref.score(np.zeros(len(experts)))
+    compose(model, tok, experts, shots, config)
 
     load0 = os.getloadavg()[0]
     t_ours = t_ref = math.inf
