@@ -50,6 +50,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from lorashelf.compose import ComposeConfig, compose, draw_shots, encode_shots
 from lorashelf.compose.layout import choose_layout
 from lorashelf.compose.optimisers import CmaSearch
+from lorashelf.compose.scoring import feed
 from lorashelf.data import load_task
 from lorashelf.library import Library, LoraFactors
 from lorashelf.models import load_base
@@ -144,27 +145,11 @@ def floor_seconds(model, tok, shots, layout: str, population: int = 12, repeats:
     """Seconds per candidate of the bare base model (no LoRA, no head) on the tokens
     ``layout`` feeds, ``population`` candidates per pass, best of ``repeats``."""
     lay = choose_layout(encode_shots(tok, shots, max_length=None), layout)
-    backbone, p, n = model.model, population, lay.n_shots
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        cache = None
-        if lay.prefix:
-            out = backbone(
-                input_ids=lay.prefix_ids.expand(p, -1),
-                attention_mask=lay.prefix_mask.expand(p, -1),
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            cache.crop(lay.prefix - lay.prefix_ids.shape[1])
-            cache.batch_repeat_interleave(n)
-        backbone(
-            input_ids=lay.input_ids.repeat(p, 1),
-            attention_mask=lay.attention_mask.repeat(p, 1),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        best = min(best, (time.perf_counter() - t0) / p)
+        feed(model.model, lay, population)
+        best = min(best, (time.perf_counter() - t0) / population)
     return best
 
 

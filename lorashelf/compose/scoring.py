@@ -15,16 +15,54 @@ the gradient baseline (Adam on ``w``) uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorashelf.compose.config import ComposeConfig
-from lorashelf.compose.layout import choose_layout
+from lorashelf.compose.layout import ShotLayout, choose_layout
 from lorashelf.compose.shots import ShotBatch
 from lorashelf.route import attach
 from lorashelf.route.stack import Experts
 from lorashelf.train.loss import split_lm
+
+
+def feed(
+    backbone: nn.Module,
+    lay: ShotLayout,
+    population: int,
+    before_pass: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Hidden states ``[population * N, p + W, d]`` of the shots laid out as ``lay``,
+    once per candidate: the prefix pass (one sequence per candidate, its keys and
+    values cropped to the real prefix and repeated for the shots), then the rest.
+    ``before_pass(k)`` runs before each pass with the sequences per candidate in it
+    (1 for the prefix, N for the rest), e.g. to set per-sequence weights."""
+    p, n = population, lay.n_shots
+    cache, before = None, []
+    if lay.prefix:
+        if before_pass:
+            before_pass(1)
+        out = backbone(
+            input_ids=lay.prefix_ids.expand(p, -1),
+            attention_mask=lay.prefix_mask.expand(p, -1),
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        cache.crop(lay.prefix - lay.prefix_ids.shape[1])  # drop the pad (a no-op at 0)
+        cache.batch_repeat_interleave(n)
+        before = [out.last_hidden_state[:, : lay.prefix].repeat_interleave(n, dim=0)]
+    if before_pass:
+        before_pass(n)
+    out = backbone(
+        input_ids=lay.input_ids.repeat(p, 1),
+        attention_mask=lay.attention_mask.repeat(p, 1),
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+    return torch.cat([*before, out.last_hidden_state], dim=1)
 
 
 class PopulationScorer:
@@ -76,29 +114,14 @@ class PopulationScorer:
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
         """Loss of each row of ``weights [P, E]`` as ``[P]`` float32, differentiable."""
         p, lay = weights.shape[0], self.layout
-        n = lay.n_shots
-        cache, before = None, []
-        if lay.prefix:  # the shared prefix once per candidate, its keys and values kept
-            self.handle.set_weights(weights)
-            out = self.backbone(
-                input_ids=lay.prefix_ids.expand(p, -1),
-                attention_mask=lay.prefix_mask.expand(p, -1),
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            cache.crop(lay.prefix - lay.prefix_ids.shape[1])  # drop the pad (a no-op at 0)
-            cache.batch_repeat_interleave(n)
-            before = [out.last_hidden_state[:, : lay.prefix].repeat_interleave(n, dim=0)]
-        self.handle.set_weights(weights.repeat_interleave(n, dim=0))
-        out = self.backbone(
-            input_ids=lay.input_ids.repeat(p, 1),
-            attention_mask=lay.attention_mask.repeat(p, 1),
-            past_key_values=cache,
-            use_cache=cache is not None,
+        hidden = feed(
+            self.backbone,
+            lay,
+            p,
+            lambda rows: self.handle.set_weights(weights.repeat_interleave(rows, dim=0)),
         )
         self.passes += 1
-        hidden = torch.cat([*before, out.last_hidden_state], dim=1)
-        offsets = torch.arange(p, device=lay.shot.device)[:, None] * n
+        offsets = torch.arange(p, device=lay.shot.device)[:, None] * lay.n_shots
         hidden = hidden[(offsets + lay.shot).flatten(), lay.col.repeat(p)]
         logits = self.head(hidden).float()
         ce = F.cross_entropy(logits, lay.labels.repeat(p), reduction="none").view(p, -1)
