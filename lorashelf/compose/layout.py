@@ -21,7 +21,7 @@ by up to 5e-3 in bf16 without the padding. On logical_deduction/three_objects
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -44,7 +44,6 @@ class ShotLayout:
     ``(shot[k], col[k])`` of the concatenated ``[prefix, rest]`` sequence: the
     column it has in the padded batch."""
 
-    name: str
     prefix: int
     prefix_ids: torch.Tensor
     prefix_mask: torch.Tensor
@@ -56,6 +55,10 @@ class ShotLayout:
     n_targets: tuple[int, ...]
 
     @property
+    def name(self) -> str:
+        return "prefix" if self.prefix else "padded"
+
+    @property
     def n_shots(self) -> int:
         return int(self.input_ids.shape[0])
 
@@ -65,9 +68,8 @@ class ShotLayout:
         return int(self.prefix_ids.shape[1] if self.prefix else 0) + int(self.input_ids.numel())
 
     def to(self, device: torch.device) -> ShotLayout:
-        names = ("prefix_ids", "prefix_mask", "input_ids", "attention_mask", "shot", "col")
-        moved = {k: getattr(self, k).to(device) for k in (*names, "labels")}
-        return ShotLayout(name=self.name, prefix=self.prefix, n_targets=self.n_targets, **moved)
+        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return replace(self, **{k: getattr(self, k).to(device) for k in tensors})
 
 
 def common_prefix(shots: ShotBatch) -> int:
@@ -78,14 +80,13 @@ def common_prefix(shots: ShotBatch) -> int:
     return min(int(agree.sum()), ids.shape[1] - 1)
 
 
-def prefixed(shots: ShotBatch, p: int, name: str) -> ShotLayout:
+def prefixed(shots: ShotBatch, p: int) -> ShotLayout:
     """The layout with the first ``p`` tokens (shared by all shots) fed once."""
     width = -(-p // PREFIX_ALIGN) * PREFIX_ALIGN
     prefix_ids = shots.input_ids[:1, :1].repeat(1, width)  # pad: any token, masked
     prefix_ids[:, :p] = shots.input_ids[:1, :p]
     prefix_mask = (torch.arange(width) < p).long()[None]
     return ShotLayout(
-        name=name,
         prefix=p,
         prefix_ids=prefix_ids,
         prefix_mask=prefix_mask,
@@ -106,4 +107,4 @@ def choose_layout(shots: ShotBatch, how: str = "auto") -> ShotLayout:
     p = 0 if how == "padded" else common_prefix(shots)
     if how == "auto" and p < MIN_PREFIX:
         p = 0
-    return prefixed(shots, p, "prefix" if p else "padded")
+    return prefixed(shots, p)

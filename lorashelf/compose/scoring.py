@@ -90,8 +90,7 @@ class PopulationScorer:
         self.backbone, self.head = split_lm(model)
         device = next(model.parameters()).device
         self.layout = choose_layout(shots, layout).to(device)
-        self.n = shots.n_examples
-        self.n_targets = torch.tensor(shots.n_targets, device=device, dtype=torch.float32)
+        self.n_targets = torch.tensor(self.layout.n_targets, device=device, dtype=torch.float32)
         self.loss, self.chunk = loss, chunk
         self.handle = attach(model, experts, mix=mix, lora_dtype=lora_dtype)
         self.names = self.handle.expert_names
@@ -129,11 +128,11 @@ class PopulationScorer:
 
     def _reduce(self, ce: torch.Tensor) -> torch.Tensor:
         if self.loss == "example":
-            per_shot = torch.zeros(ce.shape[0], self.n, device=ce.device)
+            per_shot = torch.zeros(ce.shape[0], self.layout.n_shots, device=ce.device)
             per_shot.index_add_(1, self.layout.shot, ce)
             return (per_shot / self.n_targets).mean(1)
         pooled = ce.mean(1)
-        return pooled / self.n if self.loss == "reference" else pooled
+        return pooled / self.layout.n_shots if self.loss == "reference" else pooled
 
     @torch.no_grad()
     def losses(self, weights: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ class MixtureState:
     lora_dtype: torch.dtype | None = None  # LoRA-branch precision; None = activations'
     version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
     _groups: tuple | None = None
-    _cast: tuple | None = None  # (input, input in lora_dtype): q/k/v share one input
+    _cast: tuple | None = None  # (input, its _version, it in lora_dtype): see cast()
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in ``lora_dtype``, cast once for all the layers that read the same
