@@ -14,7 +14,7 @@ Setup is the time to prepare the experts (PEFT: loading the adapters; lorashelf:
 exact prototypes and stacking); "tensors" is the memory each adds, "peak" the growth
 of malloc'd memory during one forward (activations). ``--strategies`` times one
 mixture layer with its dense and its gather path for 32 to 1024 experts (the data
-behind the ``auto`` crossover in lorashelf.route.mixture).
+behind the ``auto`` crossover in lorashelf.lora.mixture).
 
     .venv/bin/python bench/arrow_forward.py [--quick] [--threads N] [--strategies] [--json OUT]
 """

@@ -17,27 +17,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.factors import LoraFactors
 
-
-class Factors(Protocol):
-    """One module's LoRA factors: ``A [r, d_in]`` and ``B [d_out, r]`` (LoraFactors)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-FactorLoader = Callable[[str], Mapping[str, Factors]]
+FactorLoader = Callable[[str], Mapping[str, LoraFactors]]
 # (module path, A shape, B shape) for every adapted module, in flattening order.
 Layout = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
 
 
-def layout_of(factors: Mapping[str, Factors]) -> Layout:
+def layout_of(factors: Mapping[str, LoraFactors]) -> Layout:
     """The flattening order and shapes of one expert; modules sorted by path."""
     return tuple((m, tuple(factors[m].A.shape), tuple(factors[m].B.shape)) for m in sorted(factors))
 
@@ -54,7 +47,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def check_layout(name: str, factors: Mapping[str, Factors], ref: Layout, ref_name: str) -> None:
+def check_layout(name: str, factors: Mapping[str, LoraFactors], ref: Layout, ref_name: str) -> None:
     """Raise if expert ``name`` cannot be compared with ``ref_name`` parameter by parameter."""
     got = layout_of(factors)
     if got == ref:
@@ -80,7 +73,7 @@ def check_layout(name: str, factors: Mapping[str, Factors], ref: Layout, ref_nam
             )
 
 
-def flatten(factors: Mapping[str, Factors], layout: Layout, out: torch.Tensor) -> torch.Tensor:
+def flatten(factors: Mapping[str, LoraFactors], layout: Layout, out: torch.Tensor) -> torch.Tensor:
     """Write A then B of each module, in ``layout`` order, into the 1-D tensor ``out``."""
     pos = 0
     for m, _, _ in layout:

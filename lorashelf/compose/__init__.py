@@ -14,12 +14,12 @@ fewshot`` compares (zero-shot, in-context learning, uniform merge, LoraHub, grad
 weights, a LoRA trained on the shots).
 """
 
-from lorashelf.compose.composed import composed_factors, truncate_all
+from lorashelf.compose.composed import composed_factors
 from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.lorahub import CompositionResult, compose, resolve_experts
 from lorashelf.compose.optimisers import OPTIMISERS
 from lorashelf.compose.preselect import PRESELECTORS
-from lorashelf.compose.save import save_composition, write_peft
+from lorashelf.compose.save import save_composition
 from lorashelf.compose.scoring import PopulationScorer
 from lorashelf.compose.shots import ShotBatch, draw_shots, encode_shots, fingerprint
 
@@ -37,6 +37,4 @@ __all__ = [
     "fingerprint",
     "resolve_experts",
     "save_composition",
-    "truncate_all",
-    "write_peft",
 ]

@@ -36,7 +36,7 @@ from lorashelf.config import to_dict
 from lorashelf.data.task import Example
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library, LoraFactors
-from lorashelf.route.stack import Experts
+from lorashelf.lora.stack import Experts
 
 
 @dataclass

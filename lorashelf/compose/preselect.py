@@ -20,8 +20,8 @@ from torch import nn
 from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.scoring import PopulationScorer
 from lorashelf.compose.shots import ShotBatch
+from lorashelf.lora.stack import Experts
 from lorashelf.registry import Registry
-from lorashelf.route.stack import Experts
 
 # (model, experts, shots, config) -> one score per expert; higher is better
 Preselector = Callable[[nn.Module, Experts, ShotBatch, ComposeConfig], list[float]]

@@ -4,7 +4,7 @@ The LoraHub reference (sail-sg/lorahub) scores one candidate at a time: it sums 
 experts' A and B matrices with the candidate's weights into a state dict, loads it
 into a PEFT model and runs the shots through the full model, logits at every
 position. Here the experts stay attached once as lorashelf's mixture layer
-(lorashelf.route.mixture) and every sequence carries its own weights: the shots are
+(lorashelf.lora.mixture) and every sequence carries its own weights: the shots are
 replicated once per candidate and a ``(P*N, E)`` weight matrix gives row ``p*N + i``
 candidate ``p``'s weights, so a CMA-ES generation of ``P`` candidates costs one
 batched pass (chunked to bound memory). The shots' common prompt prefix runs once per
@@ -24,8 +24,8 @@ from torch import nn
 from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.layout import ShotLayout, choose_layout
 from lorashelf.compose.shots import ShotBatch
+from lorashelf.lora.stack import Experts
 from lorashelf.route import attach
-from lorashelf.route.stack import Experts
 from lorashelf.train.loss import split_lm
 
 

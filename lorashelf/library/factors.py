@@ -75,8 +75,8 @@ class LoraFactors:
         return int(self.A.shape[0])
 
     def delta(self) -> torch.Tensor:
-        """The dense update ``[d_out, d_in]`` (mind the memory for big modules)."""
-        return (self.B @ self.A) * self.scale
+        """The dense float32 update ``[d_out, d_in]`` (mind the memory for big modules)."""
+        return self.scale * (self.B.float() @ self.A.float())
 
 
 def unsupported_variant(config: Mapping[str, Any]) -> str | None:

@@ -21,7 +21,8 @@ from typing import Any
 
 from lorashelf.config import from_dict
 from lorashelf.errors import LorashelfError
-from lorashelf.merge.base import MERGES, Expert, Factors, LowRank, MergeMethod
+from lorashelf.library.factors import LoraFactors
+from lorashelf.merge.base import MERGES, Expert, MergeMethod
 from lorashelf.merge.merged import AppliedMerge, Merged
 from lorashelf.merge.ties import TiesConfig
 from lorashelf.merge.uniform import UniformConfig, UniformDeltaConfig
@@ -56,8 +57,8 @@ __all__ = [
     "MERGES",
     "AppliedMerge",
     "Expert",
-    "Factors",
-    "LowRank",
+    "LoraFactors",
+    "LoraFactors",
     "MergeMethod",
     "Merged",
     "TiesConfig",

@@ -3,8 +3,7 @@
 A merge method is one function ``fn(experts, config) -> Merged`` plus a frozen config
 dataclass, registered with :func:`merge_method`; adding one costs a module, a registry
 entry and a test row (mergekit's ``merge_methods`` layout). Experts arrive as
-``dict[module_path, factors]`` where factors carry ``A [r, d_in]``, ``B [d_out, r]`` and
-``scale`` (``lorashelf.library.factors.LoraFactors`` or anything shaped like it), so
+``dict[module_path, LoraFactors]`` (``A [r, d_in]``, ``B [d_out, r]``, ``scale``), so
 each module's weight delta is ``scale * B @ A``. Checks here turn mismatched experts
 into :class:`LorashelfError` messages that name the offending modules.
 """
@@ -13,45 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.factors import LoraFactors
 from lorashelf.registry import Registry
 
-
-class Factors(Protocol):
-    """One LoRA module: delta = scale * B @ A (the shape of ``LoraFactors``)."""
-
-    A: Tensor
-    B: Tensor
-    scale: float
-
-
-@dataclass(frozen=True, eq=False)
-class LowRank:
-    """A low-rank merge result for one module: delta = scale * B @ A.
-
-    Same fields and methods as ``lorashelf.library.factors.LoraFactors``, so a merged
-    module can go wherever an expert's factors go.
-    """
-
-    A: Tensor
-    B: Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> Tensor:
-        """The dense fp32 update ``[d_out, d_in]``."""
-        return self.scale * (self.B.float() @ self.A.float())
-
-
-Expert = dict[str, Factors]
+Expert = dict[str, LoraFactors]
 
 
 @dataclass(frozen=True)
@@ -110,7 +80,7 @@ def check_experts(experts: Sequence[Expert]) -> list[str]:
     return names
 
 
-def _check_module(name: str, factors: Sequence[Factors]) -> None:
+def _check_module(name: str, factors: Sequence[LoraFactors]) -> None:
     for i, f in enumerate(factors):
         if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
             raise LorashelfError(
@@ -138,7 +108,7 @@ def require_same_rank(experts: Sequence[Expert], names: Sequence[str], method: s
             )
 
 
-def stacked(factors: Sequence[Factors], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def stacked(factors: Sequence[LoraFactors], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 stacks ``A [E, r, d_in]``, ``B [E, d_out, r]`` and scales ``[E]``."""
     A = torch.stack([f.A.to(device=device, dtype=torch.float32) for f in factors])
     B = torch.stack([f.B.to(device=device, dtype=torch.float32) for f in factors])

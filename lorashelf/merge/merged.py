@@ -1,7 +1,7 @@
 """The result of a merge: one delta per module, folded into a model and undone exactly.
 
 A :class:`Merged` maps base-model module paths ("model.layers.0.self_attn.q_proj") to
-either a :class:`LowRank` (delta = scale * B @ A, kept factored) or a dense fp32 delta
+either a :class:`LoraFactors` (delta = scale * B @ A, kept factored) or a dense fp32 delta
 ``[d_out, d_in]``. :meth:`Merged.apply` adds the deltas to the base weights in place
 (computed in fp32, written in the model's dtype) and returns a handle whose ``restore()``
 (or context-manager exit) copies back the original weights saved before the change:
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lorashelf.errors import LorashelfError
-from lorashelf.merge.base import LowRank
+from lorashelf.library.factors import LoraFactors
 
 
 @dataclass
@@ -28,19 +29,19 @@ class Merged:
     method: str
     config: Any
     n_experts: int
-    modules: dict[str, LowRank | Tensor] = field(repr=False)
+    modules: dict[str, LoraFactors | Tensor] = field(repr=False)
 
     def names(self) -> list[str]:
         return sorted(self.modules)
 
     @property
     def is_low_rank(self) -> bool:
-        return all(isinstance(v, LowRank) for v in self.modules.values())
+        return all(isinstance(v, LoraFactors) for v in self.modules.values())
 
     def delta(self, name: str) -> Tensor:
         """The dense fp32 delta of one module."""
         entry = self.modules[name]
-        return entry.delta() if isinstance(entry, LowRank) else entry.float()
+        return entry.delta() if isinstance(entry, LoraFactors) else entry.float()
 
     def apply(self, model: nn.Module) -> AppliedMerge:
         """Fold the merge into ``model``'s weights in place; undo with ``restore()``.
@@ -80,17 +81,28 @@ class Merged:
         low-rank ones above ``rank``) are truncated by SVD to ``rank``; the returned error
         is ||delta - truncated||_F / ||delta||_F over all modules (0.0 when exact).
         """
-        from lorashelf.merge.peft_io import save_peft
+        from lorashelf.config import to_dict, write_json_atomic
+        from lorashelf.lora.peft import truncate_all, write_peft_adapter
 
-        return save_peft(self, out_dir, base_model_id, rank, dtype=dtype, overwrite=overwrite)
+        factors, error = truncate_all(self.modules, rank)
+        write_peft_adapter(factors, out_dir, base_model_id, dtype=dtype, overwrite=overwrite)
+        meta = {
+            "method": self.method,
+            "config": to_dict(self.config),
+            "n_experts": self.n_experts,
+            "rank": rank,
+            "relative_truncation_error": error,
+        }
+        write_json_atomic(Path(out_dir) / "merge.json", meta)
+        return error
 
     def _shape(self, name: str) -> tuple[int, int]:
         e = self.modules[name]
-        return (e.B.shape[0], e.A.shape[1]) if isinstance(e, LowRank) else tuple(e.shape)
+        return (e.B.shape[0], e.A.shape[1]) if isinstance(e, LoraFactors) else tuple(e.shape)
 
     def _delta_on(self, name: str, device: torch.device) -> Tensor:
         e = self.modules[name]
-        if isinstance(e, LowRank):
+        if isinstance(e, LoraFactors):
             B = e.B.to(device=device, dtype=torch.float32)
             return e.scale * (B @ e.A.to(device=device, dtype=torch.float32))
         return e.to(device=device, dtype=torch.float32)

@@ -32,10 +32,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.factors import LoraFactors
 from lorashelf.merge.base import (
     Expert,
-    Factors,
-    LowRank,
     check_experts,
     device_of,
     merge_method,
@@ -69,7 +68,7 @@ class TiesConfig:
             raise LorashelfError(f"ties scope must be 'global' or 'module', got {self.scope!r}")
 
 
-def _delta_blocks(fs: Sequence[Factors], device: torch.device) -> Iterator[Tensor]:
+def _delta_blocks(fs: Sequence[LoraFactors], device: torch.device) -> Iterator[Tensor]:
     """Stacked task vectors ``[E, n]`` of one module's deltas, a block of rows at a time.
 
     Experts of lower rank are zero-padded to the highest rank (exact: the padding adds
@@ -87,7 +86,7 @@ def _delta_blocks(fs: Sequence[Factors], device: torch.device) -> Iterator[Tenso
         yield torch.bmm(B[:, i : i + step], A).view(len(fs), -1)
 
 
-def _param_blocks(fs: Sequence[Factors], device: torch.device) -> Iterator[Tensor]:
+def _param_blocks(fs: Sequence[LoraFactors], device: torch.device) -> Iterator[Tensor]:
     """Stacked ``[E, r*d_in + d_out*r]`` flattened (A, B) of one module."""
     A, B, _ = shared_scale(*stacked(fs, device))
     yield torch.cat([A.flatten(1), B.flatten(1)], 1)
@@ -137,7 +136,7 @@ def ties_combine(block: Tensor, threshold: Tensor, lam: float) -> Tensor:
     return lam * (kept * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
-def _n_entries(f: Factors, space: str) -> int:
+def _n_entries(f: LoraFactors, space: str) -> int:
     r, d_in, d_out = f.A.shape[0], f.A.shape[1], f.B.shape[0]
     return d_out * d_in if space == "delta" else r * (d_in + d_out)
 
@@ -183,10 +182,12 @@ def ties(experts: Sequence[Expert], config: TiesConfig, progress: bool = False) 
     return Merged("ties", config, len(experts), out)
 
 
-def _assemble(flat: Tensor, fs: Sequence[Factors], space: str) -> LowRank | Tensor:
+def _assemble(flat: Tensor, fs: Sequence[LoraFactors], space: str) -> LoraFactors | Tensor:
     r, d_in, d_out = fs[0].A.shape[0], fs[0].A.shape[1], fs[0].B.shape[0]
     if space == "delta":
         return flat.view(d_out, d_in)
     scales = {float(f.scale) for f in fs}
     scale = scales.pop() if len(scales) == 1 else 1.0  # as shared_scale: folded into B
-    return LowRank(A=flat[: r * d_in].view(r, d_in), B=flat[r * d_in :].view(d_out, r), scale=scale)
+    return LoraFactors(
+        A=flat[: r * d_in].view(r, d_in), B=flat[r * d_in :].view(d_out, r), scale=scale
+    )

@@ -13,17 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
+from lorashelf.lora.combine import combine
 from lorashelf.merge.base import (
     Expert,
-    LowRank,
     check_experts,
     device_of,
     merge_method,
     require_same_rank,
-    shared_scale,
-    stacked,
 )
 from lorashelf.merge.merged import Merged
 
@@ -44,10 +40,7 @@ def uniform(experts: Sequence[Expert], config: UniformConfig, progress: bool = F
     names = check_experts(experts)
     require_same_rank(experts, names, "uniform")
     device = device_of(experts, names)
-    out = {}
-    for name in names:
-        A, B, scale = shared_scale(*stacked([ex[name] for ex in experts], device))
-        out[name] = LowRank(A=A.mean(0), B=B.mean(0), scale=scale)
+    out = {name: combine([ex[name] for ex in experts], device=device) for name in names}
     return Merged("uniform", config, len(experts), out)
 
 
@@ -58,11 +51,5 @@ def uniform_delta(
     """exact mean of the experts' deltas, as one concatenated LoRA of rank E*r"""
     names = check_experts(experts)
     device = device_of(experts, names)
-    n = len(experts)
-    out = {}
-    for name in names:
-        fs = [ex[name] for ex in experts]
-        A = torch.cat([f.A.to(device=device, dtype=torch.float32) for f in fs])
-        B = torch.cat([f.B.to(device=device, dtype=torch.float32) * (f.scale / n) for f in fs], 1)
-        out[name] = LowRank(A=A, B=B, scale=1.0)
-    return Merged("uniform-delta", config, n, out)
+    out = {n: combine([ex[n] for ex in experts], mix="output", device=device) for n in names}
+    return Merged("uniform-delta", config, len(experts), out)

@@ -11,13 +11,13 @@ LoraHub); ``ROUTERS`` lists routing methods (one module + one registry entry eac
 """
 
 import lorashelf.route.phatgoose  # noqa: F401  (registers "phatgoose")
+from lorashelf.lora.mixture import MixtureHandle, MixtureLinear, attach
+from lorashelf.lora.stack import ExpertStack, stack_experts
 from lorashelf.route.arrow import ArrowConfig, ArrowRouter, build_arrow_routers
-from lorashelf.route.mixture import MixtureHandle, MixtureLinear, attach
 from lorashelf.route.prototypes import arrow_prototypes, top_right_singular_vectors
 from lorashelf.route.report import save_routing_report
 from lorashelf.route.routed import RoutedModel, build_routed_model
 from lorashelf.route.router import ROUTERS, Router, RouterContext, RouterMethod
-from lorashelf.route.stack import ExpertStack, stack_experts
 from lorashelf.route.stats import RoutingStats
 
 __all__ = [

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorashelf.errors import LorashelfError
-from lorashelf.route.mixture import MIXES
+from lorashelf.lora.mixture import MIXES
 from lorashelf.route.prototypes import CACHE_FILE, arrow_prototypes
 from lorashelf.route.router import ROUTERS, RouterContext, RouterMethod
 

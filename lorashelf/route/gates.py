@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from lorashelf.config import to_dict
 from lorashelf.data.task import Example
 from lorashelf.errors import LorashelfError
-from lorashelf.route.mixture import attach
-from lorashelf.route.stack import Factors
+from lorashelf.library.factors import LoraFactors
+from lorashelf.lora.mixture import attach
 from lorashelf.train.config import TrainConfig
 from lorashelf.train.trainer import data_fingerprint, optimize, seeded, training_examples
 
@@ -91,7 +91,7 @@ class SigmoidGate(nn.Module):
 @contextmanager
 def gated(
     model: nn.Module,
-    factors: Mapping[str, Factors],
+    factors: Mapping[str, LoraFactors],
     gates: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[dict[str, SigmoidGate]]:
     """``model`` with one expert behind a sigmoid gate per module (zero, or ``gates``)."""
@@ -134,7 +134,7 @@ class TrainedGates:
 def train_gates(
     model: nn.Module,
     tokenizer: Any,
-    factors: Mapping[str, Factors],
+    factors: Mapping[str, LoraFactors],
     examples: Sequence[Example],
     config: GateTrainConfig,
     *,

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from lorashelf.errors import LorashelfError
+from lorashelf.lora.mixture import MIXES
 from lorashelf.route.gate_store import load_expert_gates, train_command
-from lorashelf.route.mixture import MIXES
 from lorashelf.route.router import ROUTERS, RouterContext, RouterMethod
 
 EPS = 1e-5  # LayerNorm's default, as in the reference implementation

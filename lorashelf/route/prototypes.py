@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorashelf.errors import LorashelfError
-from lorashelf.route.stack import Experts, Factors, check_experts
+from lorashelf.library.factors import LoraFactors
+from lorashelf.lora.stack import Experts, check_experts
 
 CACHE_FORMAT = "lorashelf-arrow-prototypes/1"
 CACHE_FILE = "arrow_prototypes.safetensors"
@@ -50,10 +51,10 @@ def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor
 
 
 def _compute(
-    jobs: Sequence[tuple[int, str, Factors]], device: torch.device | str | None
+    jobs: Sequence[tuple[int, str, LoraFactors]], device: torch.device | str | None
 ) -> dict[tuple[int, str], torch.Tensor]:
     """Prototypes of (expert index, module, factors) jobs, batched by factor shapes."""
-    groups: dict[tuple, list[tuple[int, str, Factors]]] = {}
+    groups: dict[tuple, list[tuple[int, str, LoraFactors]]] = {}
     for job in jobs:
         groups.setdefault((tuple(job[2].A.shape), tuple(job[2].B.shape)), []).append(job)
     out = {}
@@ -78,7 +79,7 @@ def arrow_prototypes(
     """Arrow prototypes of every adapted module: ``{module path: [E_m, d_in] float32}``.
 
     Rows follow the experts' order, over the experts adapting that module (the
-    order of :class:`~lorashelf.route.stack.ExpertStack` members). With
+    order of :class:`~lorashelf.lora.stack.ExpertStack` members). With
     ``cache_path`` and ``checksums`` (one per expert), prototypes of experts already
     in the cache file are read from it and the new ones are computed and added; an
     expert whose checksum is empty is computed and not cached. Tensors are returned

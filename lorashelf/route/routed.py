@@ -21,9 +21,9 @@ from torch import nn
 import lorashelf.route.arrow  # noqa: F401  (registers "arrow")
 from lorashelf.config import to_dict
 from lorashelf.errors import LorashelfError
-from lorashelf.route.mixture import MixtureHandle, attach
+from lorashelf.lora.mixture import MixtureHandle, attach
+from lorashelf.lora.stack import Experts, check_experts
 from lorashelf.route.router import ROUTERS, Router, RouterContext
-from lorashelf.route.stack import Experts, check_experts
 from lorashelf.route.stats import RoutingStats, recording
 
 

@@ -16,7 +16,7 @@ and a ``build`` function, plus one ``ROUTERS.register(name)`` entry:
     ROUTERS.register("mine")(RouterMethod(MyConfig, build_my_routers))
 
 ``ctx.experts`` is the list of ``(name, {module path: factors})``, ``ctx.stacks`` maps
-each adapted module path to its :class:`~lorashelf.route.stack.ExpertStack` (the
+each adapted module path to its :class:`~lorashelf.lora.stack.ExpertStack` (the
 experts present there, stacked); the returned dict maps module paths to routers
 (a module without a router adds nothing). A router is any callable (an
 ``nn.Module`` if it holds tensors, so it moves with the model) that takes the layer
@@ -32,21 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from lorashelf.lora.router import Router
+from lorashelf.lora.stack import Experts, ExpertStack, stack_experts
 from lorashelf.registry import Registry
-from lorashelf.route.stack import Experts, ExpertStack, stack_experts
-
-
-@runtime_checkable
-class Router(Protocol):
-    """Per-module token router: ``x [..., d_in] -> weights [..., E_m]``."""
-
-    top_k: int | None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_output_composition_exact_or_truncated(
 
 
 def test_truncation_error_is_the_frobenius_error(make_library, model, tiny_tokenizer, shots):
-    from lorashelf.compose import truncate_all
+    from lorashelf.lora.peft import truncate_all
 
     lib = make_library(3)
     res = compose(model, tiny_tokenizer, lib, shots, ComposeConfig(mix="output", budget=4))

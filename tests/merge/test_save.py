@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from lorashelf.errors import LorashelfError
-from lorashelf.merge import LowRank, Merged, UniformConfig, merge
+from lorashelf.merge import LoraFactors, Merged, UniformConfig, merge
 
 
 def best_rank_k(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, float, float]:
@@ -56,7 +56,7 @@ def test_mixed_ranks_and_scales_round_trip_exactly(base, factors_of, tmp_path):
     for name, (r, scale) in specs.items():
         d_out, d_in = base.get_submodule(name).weight.shape
         A, B = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
-        modules[name] = LowRank(A=A, B=B, scale=scale)
+        modules[name] = LoraFactors(A=A, B=B, scale=scale)
     merged = Merged("uniform", UniformConfig(), 1, modules)
     assert merged.save_peft(tmp_path / "m", "tiny") == 0.0
     cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())

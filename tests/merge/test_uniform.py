@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from lorashelf.merge import LowRank, TiesConfig, merge
+from lorashelf.merge import LoraFactors, TiesConfig, merge
 
 PREFIX = "base_model.model."
 
@@ -33,7 +33,7 @@ def test_uniform_equals_peft_model_with_averaged_factors(peft_experts, experts, 
     averaged = copy.deepcopy(peft_experts[0])
     set_peft_model_state_dict(averaged, mean)
     merged = merge(experts, "uniform")
-    assert all(isinstance(e, LowRank) and e.rank == 4 for e in merged.modules.values())
+    assert all(isinstance(e, LoraFactors) and e.rank == 4 for e in merged.modules.values())
     with merged.apply(base):
         got = logits(base, input_ids)
     assert torch.allclose(got, logits(averaged, input_ids), atol=1e-4)

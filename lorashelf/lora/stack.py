@@ -1,12 +1,11 @@
 """Stack a library's LoRA factors module by module, ready for one-matmul mixing.
 
-Each expert is ``(name, {module path: factors})`` where factors carry ``A [r, d_in]``,
-``B [d_out, r]`` and ``scale`` (``lorashelf.library.factors.LoraFactors`` or anything
-shaped like it). For every adapted module we keep only the experts that adapt it
+Each expert is ``(name, {module path: LoraFactors})`` (``A [r, d_in]``, ``B [d_out, r]``,
+``scale``). For every adapted module we keep only the experts that adapt it
 (the others contribute nothing there), fold each expert's scale into its ``B`` and
 zero-pad mixed ranks to the largest one: padded rows of ``A`` and columns of ``B``
 are zero, so they add nothing to any output. The stacks are the layout of the
-mixture layer (lorashelf.route.mixture): ``A`` flattens to one ``(E*r) x d_in``
+mixture layer (lorashelf.lora.mixture): ``A`` flattens to one ``(E*r) x d_in``
 matrix and ``B`` to one ``d_out x (E*r)`` matrix.
 """
 
@@ -14,22 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.factors import LoraFactors
 
-
-class Factors(Protocol):
-    """What we read from a LoRA module: ``delta W = scale * B @ A``."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-
-
-Experts = Sequence[tuple[str, Mapping[str, Factors]]]
+# The one "set of experts" type every method reads: (name, {module path: factors}).
+Experts = Sequence[tuple[str, Mapping[str, LoraFactors]]]
 
 
 @dataclass(frozen=True)
@@ -101,7 +92,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _check_shapes(module: str, present: list[tuple[str, Factors]]) -> None:
+def _check_shapes(module: str, present: list[tuple[str, LoraFactors]]) -> None:
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, f in present:
         if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != f.B.shape[1]:

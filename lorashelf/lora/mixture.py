@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from lorashelf.errors import LorashelfError
-from lorashelf.route.router import Router
-from lorashelf.route.stack import Experts, ExpertStack, check_experts, stack_experts
+from lorashelf.lora.router import Router
+from lorashelf.lora.stack import Experts, ExpertStack, check_experts, stack_experts
 
 MIXES = ("output", "params")
 STRATEGIES = ("auto", "dense", "gather")
