@@ -159,11 +159,16 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     task_ids = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not task_ids:
         raise LorashelfError("--tasks is empty; pass e.g. --tasks bigbench:logical_deduction/...")
+    from lorashelf.methods import fewshot_methods
+
+    table = fewshot_methods()
     methods = (
         tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.methods
-        else all_methods()
+        else all_methods(table)
     )
+    for m in methods:
+        table.get(m)  # unknown names fail before any slow loading, with suggestions
     options = FewShotOptions(lora_steps=args.lora_steps, lora_lr=args.lora_lr)
     fs = FewShotConfig(shots=args.shots, seeds=args.seeds, methods=methods, options=options)
     config = _config(args)
@@ -180,7 +185,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         r = evaluate_task(model, tokenizer, task, eval_cfg)
         return {"n": r.n, "accuracy": r.accuracy, "nll": r.nll}
 
-    report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True)
+    report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True, table=table)
     title = f"{args.shots} shots x {args.seeds} seeds, {len(experts)} experts"
     Console().print(fewshot_table(report, title=title))
     if args.json:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lorashelf.data.rows import row_example, task_kind
-from lorashelf.data.sources import SOURCES, Source, parse_options, subset
+from lorashelf.data.sources import Source, parse_options, subset
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 
@@ -64,4 +64,4 @@ def load(name: str, home: Path, max_examples: int | None) -> Task:
     )
 
 
-SOURCES.register("jsonl")(Source(load=load))
+SOURCE = Source(load=load)

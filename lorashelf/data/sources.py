@@ -43,7 +43,14 @@ class Source:
     ls: Callable[[Path], list[TaskInfo]] = field(default=lambda home: [])
 
 
-SOURCES: Registry[Source] = Registry("task source")
+SOURCES: Registry[Source] = Registry(
+    "task source",
+    {
+        "bigbench": "lorashelf.data.bigbench_store:SOURCE",
+        "jsonl": "lorashelf.data.jsonl:SOURCE",
+        "hf": "lorashelf.data.hf:SOURCE",
+    },
+)
 
 
 def split_id(task_id: str) -> tuple[str, str]:

@@ -65,7 +65,6 @@ class JobResult:
 
 
 Runner = Callable[[Sequence[Job], JobSpec], list[JobResult]]
-RUNNERS: Registry[Runner] = Registry("runner")
 
 
 def open_library(spec: JobSpec, base_id: str | None = None) -> Any:
@@ -172,7 +171,6 @@ def run_job(
     )
 
 
-@RUNNERS.register("local")
 def run_local(jobs: Sequence[Job], spec: JobSpec) -> list[JobResult]:
     """Jobs one after another in this process, on one loaded base model."""
     if not jobs:
@@ -191,7 +189,6 @@ def _ray_job(job: Job, spec: JobSpec) -> JobResult:
     return run_job(job, replace(spec, progress=False))
 
 
-@RUNNERS.register("ray")
 def run_ray(jobs: Sequence[Job], spec: JobSpec, *, cpus_per_job: int = 1) -> list[JobResult]:
     """One Ray task per job (a GPU each when training on CUDA); starts Ray if needed."""
     try:
@@ -262,3 +259,6 @@ def train_many(
     todo = [j for j in jobs if j.name not in have]
     done = {r.name: r for r in run(todo, spec)} if todo else {}
     return [done.get(j.name) or JobResult(j.name, j.tasks, "skipped") for j in jobs]
+
+
+RUNNERS: Registry[Runner] = Registry("runner", {"local": run_local, "ray": run_ray})
