@@ -15,10 +15,10 @@ from lorashelf.compose.baselines import (
 from lorashelf.compose.fewshot import FewShotConfig, run_fewshot, summarise
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
-from lorashelf.models import BaseModel
 from lorashelf.lora import attach
 from lorashelf.merge import MERGES
 from lorashelf.methods import fewshot_methods
+from lorashelf.models import BaseModel
 
 FEWSHOT_METHODS = fewshot_methods()
 

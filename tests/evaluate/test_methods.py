@@ -10,8 +10,8 @@ import torch
 
 from lorashelf.cli import main
 from lorashelf.data.task import Example, Task
-from lorashelf.methods import MethodContext, method_names, prepare
 from lorashelf.evaluate.runner import EvalConfig, evaluate
+from lorashelf.methods import MethodContext, method_names, prepare
 
 EXPERTS = {"alpha": ["t:alpha"], "beta": ["t:beta"], "gamma": ["t:gamma"]}
 
