@@ -15,5 +15,6 @@ MERGES: Registry = Registry(
         "uniform": "lorashelf.merge.uniform:UNIFORM",
         "uniform-delta": "lorashelf.merge.uniform:UNIFORM_DELTA",
         "ties": "lorashelf.merge.ties:TIES",
+        "task-arithmetic": "lorashelf.merge.task_arithmetic:TASK_ARITHMETIC",
     },
 )
