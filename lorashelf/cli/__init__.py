@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # PEFT calls a transformers API that transformers 5 deprecates; users can do
     # nothing about it, and it would split our one-line errors.
     warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+    # transformers warns that its own generate/forward passes past_key_values
+    warnings.filterwarnings("ignore", ".*past_key_values.*")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(active_verb(argv))
     args = parser.parse_args(argv)
