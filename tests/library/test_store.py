@@ -71,7 +71,7 @@ def test_add_get_round_trip_loses_nothing(lib, make_adapter):
     assert list(factors)[0] == "model.layers.0.self_attn.q_proj" and len(factors) == 4
 
 
-def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_llama):
+def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_model):
     from peft import PeftModel
 
     src = make_adapter("t", seed=2)
@@ -79,14 +79,14 @@ def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_llam
     ids = torch.arange(12).reshape(2, 6)
 
     def logits(adapter_dir: Path) -> torch.Tensor:
-        model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(adapter_dir)).eval()
+        model = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(adapter_dir)).eval()
         with torch.no_grad():
             return model(ids).logits
 
     from_lib = logits(lib.path / "experts" / "logic")
     assert torch.equal(from_lib, logits(src))
     with torch.no_grad():
-        assert not torch.allclose(from_lib, tiny_llama(ids).logits)  # the adapter matters
+        assert not torch.allclose(from_lib, tiny_model(ids).logits)  # the adapter matters
     out = export_expert(expert, lib.path.parent / "exported")
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
