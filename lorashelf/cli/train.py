@@ -1,6 +1,6 @@
 """``lorashelf train TASK [TASK ...] --library DIR``: one LoRA expert per task, or one joint.
 
-Thin handler over :func:`lorashelf.train.jobs.train_many`: experts already in the
+Thin handler over :func:`lorashelf.jobs.train.train_many`: experts already in the
 library are skipped (rerun to resume), the library is created for the model if it
 does not exist, and a summary table ends the run.
 """
@@ -121,8 +121,8 @@ def print_summary(results, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorashelf.jobs.train import train_many
     from lorashelf.models import DEFAULT_MODEL
-    from lorashelf.train.jobs import train_many
 
     config = config_from_args(args)
     model = args.model or library_base(args.library) or DEFAULT_MODEL

@@ -3,7 +3,7 @@
 A source turns the part of a task id after the first ``:`` into a :class:`Task`
 (``bigbench:sports_understanding``, ``jsonl:./my.jsonl``, ``hf:data.parquet?...``) and
 may list the tasks it knows. Adding a source costs one module and one
-``SOURCES.register("name")`` line, as with lm-eval's task registry. This module also
+line in ``SOURCES`` below, as with lm-eval's task registry. This module also
 holds what every source shares: ``?key=value`` options in ids and the
 deterministic ``max_examples`` subset.
 """

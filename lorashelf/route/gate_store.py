@@ -35,6 +35,7 @@ GATES_FORMAT = "lorashelf-phatgoose-gates/1"
 DERIVED_DIR = "derived"
 KIND = "phatgoose"
 ADAPTER_FILE = "adapter_model.safetensors"
+GATES_FILE = "gates.safetensors"  # what a gate-training job writes in its own directory
 _KEY = re.compile(r"[0-9A-Za-z_.-]+")
 RAW_FIELDS = ("format", "adapter_sha256", "tensors_sha256")  # plain strings, not JSON
 
@@ -144,6 +145,30 @@ def gate_status(directory: str | os.PathLike[str], checksum: str) -> str:
     except LorashelfError as e:
         return f"corrupt: {e}"
     return "ok"
+
+
+@dataclass(frozen=True)
+class GateShelf:
+    """A gate directory seen as a library (a :class:`lorashelf.jobs.Shelf`) by expert name.
+
+    ``names()`` lists the experts whose gates are stored and sound (none when
+    ``overwrite``); ``add`` stores the ``GATES_FILE`` a job wrote in ``src`` with
+    ``card`` as its header, so gate training resumes like expert training.
+    """
+
+    directory: Path
+    checksums: Mapping[str, str]  # expert name -> its adapter's sha256
+    overwrite: bool = False
+
+    def names(self) -> list[str]:
+        if self.overwrite:
+            return []
+        return [n for n, c in self.checksums.items() if gate_status(self.directory, c) == "ok"]
+
+    def add(self, src: Path, *, name: str, card: Mapping[str, Any]) -> Path:
+        from safetensors.torch import load_file
+
+        return save_gates(self.directory, self.checksums[name], load_file(src / GATES_FILE), card)
 
 
 def load_library_gates(library: Library, names: Sequence[str]) -> list[dict[str, torch.Tensor]]:
