@@ -41,7 +41,7 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=512, tie_word_embeddings=True,
+        intermediate_size=128, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=2048,
     ),
 }  # fmt: skip

@@ -12,7 +12,8 @@ this CPU (SmolLM2-135M, batch 8, one thread) bf16 weights took 7.5 ms/token with
 autocast and 8.1 with it (within noise), fp32 weights 9.7 with autocast (weights are
 re-cast every step) and 12.6 without. Batches are padded only to their longest
 member and bucketed by length, and the output head runs only at positions that
-predict answer tokens (:mod:`lorashelf.train.loss`). On the CPU, attention runs in
+predict answer tokens (:mod:`lorashelf.train.loss`); buckets are sorted by prompt
+length, so a batch does not hold one answer (:mod:`lorashelf.train.batches`). On the CPU, attention runs in
 its plain ("eager") form while training: PyTorch's CPU flash-attention backward
 made a SmolLM2 step ~30% slower at 40 and at 200 tokens; other devices keep the
 model's own choice. A fixed
@@ -44,7 +45,7 @@ from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 from lorashelf.models import BaseModel
 from lorashelf.runtime import resolve_dtype
-from lorashelf.train.batches import batch_order, collate, encode_examples
+from lorashelf.train.batches import batch_order, bucket_lengths, collate, encode_examples
 from lorashelf.train.config import TrainConfig
 from lorashelf.train.lora import attached
 from lorashelf.train.loss import target_nll
@@ -253,9 +254,7 @@ def optimize(
     """
     device = params[0].device
     encoded = encode_examples(tokenizer, examples, config.max_length, config.chat)
-    order = batch_order(
-        [len(e.ids) for e in encoded], config.batch_size, config.seed, config.bucket
-    )
+    order = batch_order(bucket_lengths(encoded), config.batch_size, config.seed, config.bucket)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, config))
     dtype = compute_dtype(config, device, weights)
