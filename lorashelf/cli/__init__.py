@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorashelf.cli.args import OneLineParser, device, positive_int
 from lorashelf.errors import LorashelfError
 
 # Modules under lorashelf.cli that register verbs, in data-flow order.
@@ -42,7 +43,7 @@ def default_home() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lorashelf",
         description="Modular LLMs from a library of LoRA experts.",
     )
@@ -53,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache root for models and data (default: $LORASHELF_HOME or ~/.cache/lorashelf)",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+        "--device",
+        type=device,
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import float_range, int_range, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model or a library method on tasks")
@@ -18,13 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="comma-separated task ids, e.g. bigbench:sports_understanding",
     )
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per task")
     p.add_argument("--split", default="test", help="train, valid, test or all (default: test)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=int_range(2), default=1024)
     p.add_argument(
-        "--max-examples", type=int, default=None, help="cap examples read per task before splitting"
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="cap examples read per task before splitting",
     )
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
@@ -41,13 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--experts", default=None, help="comma-separated subset of the library's experts"
     )
     lib.add_argument(
-        "--top-k", type=int, default=None, help="arrow/phatgoose: experts per token (default 4 / 2)"
+        "--top-k",
+        type=positive_int,
+        default=None,
+        help="arrow/phatgoose: experts per token (default 4 / 2)",
     )
     lib.add_argument(
-        "--temperature", type=float, default=1.0, help="arrow: routing softmax temperature"
+        "--temperature", type=positive_float, default=1.0, help="arrow: routing softmax temperature"
     )
     lib.add_argument("--mix", default="output", help="arrow: output or params mixing")
-    lib.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
+    lib.add_argument(
+        "--density",
+        type=float_range(0.0, 1.0, low_open=True),
+        default=0.2,
+        help="ties: fraction of entries kept",
+    )
     lib.add_argument(
         "--oracle-map",
         default=None,

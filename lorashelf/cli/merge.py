@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="weight-space merges: ls, run")
@@ -24,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="method config, e.g. density=0.2",
     )
     run.add_argument(
-        "--rank", type=int, default=None, help="SVD-truncate to this rank (needed for ties)"
+        "--rank",
+        type=positive_int,
+        default=None,
+        help="SVD-truncate to this rank (needed for ties)",
     )
     run.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
     run.add_argument(

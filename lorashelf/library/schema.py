@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +110,13 @@ def check_caller_card(card: Mapping[str, Any]) -> dict[str, Any]:
         if key in out and (not isinstance(value, types) or isinstance(value, bool)):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise LorashelfError(f"card field {key!r} must be {names}, not {value!r}")
+    for key in ("train_loss", "valid_loss"):
+        value = out.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LorashelfError(
+                f"training diverged: the {key.replace('_', ' ')} is {value}; lower the "
+                "learning rate (--lr) or train in fp32 (--dtype fp32)"
+            )
     try:
         json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as e:

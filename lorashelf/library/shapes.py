@@ -53,6 +53,21 @@ def shapes_from_base_config(path: Path) -> dict[str, list[int]] | None:
     }
 
 
+def cached_base_config(base_model: str, home: Path) -> Path | None:
+    """The local model dir of ``base_model``: a path, or a known model converted in
+    ``HOME/models`` (``lorashelf model pull``); None when only the hub has it."""
+    from lorashelf.models.known import KNOWN, canonical_id
+
+    if Path(base_model).expanduser().is_dir():
+        return Path(base_model).expanduser()
+    hub_id = canonical_id(base_model)
+    for km in KNOWN.values():
+        path = Path(home) / "models" / km.name
+        if km.hub_id == hub_id and (path / "config.json").is_file():
+            return path
+    return None
+
+
 def check_shapes(
     meta: Mapping[str, Any], modules: Mapping[str, tuple[int, int, int]], what: str
 ) -> None:

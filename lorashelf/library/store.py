@@ -37,14 +37,6 @@ from lorashelf.library.fsutil import write_new_file as _write
 from lorashelf.library.index import Index, expert_row
 from lorashelf.library.names import check_name, safe_name
 from lorashelf.library.recover import EXPERTS, REMOVED, REPLACED, TMP
-from lorashelf.library.shapes import (
-    FROM_BASE,
-    SHAPES_KEY,
-    SOURCE_KEY,
-    check_shapes,
-    record_shapes,
-    shapes_from_base_config,
-)
 from lorashelf.library.schema import (
     CARD_FIELDS,
     CARD_FILE,
@@ -56,6 +48,14 @@ from lorashelf.library.schema import (
     read_library_meta,
     sha256_hex,
     utc_now,
+)
+from lorashelf.library.shapes import (
+    FROM_BASE,
+    SHAPES_KEY,
+    SOURCE_KEY,
+    check_shapes,
+    record_shapes,
+    shapes_from_base_config,
 )
 
 log = logging.getLogger("lorashelf.library")

@@ -139,14 +139,19 @@ def read_cache(
 
 
 def cache_problem(path: Path) -> str | None:
-    """Why the cache file cannot be trusted (damaged, foreign, NaN), or None."""
+    """Why our cache file cannot be trusted (damaged, NaN), or None; a readable file of
+    another format raises instead: it is not ours to replace."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # unreadable: a damaged cache, handled below
+        fmt = CACHE_FORMAT
+    if fmt != CACHE_FORMAT:
+        raise LorashelfError(
+            f"{path} is not an Arrow prototype cache ({CACHE_FORMAT}); delete it to rebuild"
+        )
     why = file_problem(path)
-    if why is not None:
-        return f"damaged ({why})"
-    with safe_open(str(path), framework="np") as f:
-        if (f.metadata() or {}).get("format") != CACHE_FORMAT:
-            return f"not an Arrow prototype cache ({CACHE_FORMAT})"
-    return None
+    return None if why is None else f"damaged ({why})"
 
 
 def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torch.Tensor]) -> None:

@@ -16,7 +16,6 @@ one place, :func:`open_library`).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -153,8 +152,9 @@ def run_job(
     own = library is None
     library = library or open_library(spec, base.base_id)
     try:
-        with tempfile.TemporaryDirectory(prefix="lorashelf-train-") as tmp:
-            out = Path(tmp) / job.name
+        # in the library's .tmp, locked: a killed training's dir goes at the next write
+        with library.staging_dir("train--") as tmp:
+            out = tmp / job.name
             res = train_expert(base, tasks, spec.config, out_dir=out, progress=spec.progress)
             library.add(out, name=job.name, card=res.card())
     finally:
