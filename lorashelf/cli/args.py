@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -72,6 +73,20 @@ def nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def output_path(text: str) -> Path:
+    """An argparse type: a path to write that is not inside a lorashelf library."""
+    from lorashelf.library.schema import owning_library
+
+    path = Path(text)
+    lib = owning_library(path)
+    if lib is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text} lies inside the library {lib}; writing there would replace the "
+            "library's own files, so write it elsewhere"
+        )
+    return path
 
 
 def device(text: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorashelf.cli.args import fraction, nonneg_int, positive_int
+from lorashelf.cli.args import fraction, nonneg_int, output_path, positive_int
 
 
 def _similarity_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--block-mb", type=positive_int, default=512, help="memory for similarity blocks"
     )
-    p.add_argument("--out", type=Path, required=True, help="clusters.json to write")
+    p.add_argument("--out", type=output_path, required=True, help="clusters.json to write")
     p.add_argument("--plot", type=Path, default=None, help="similarity heatmap PNG to write")
     p.set_defaults(func=cmd_cluster)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorashelf.cli.args import float_range, int_range, positive_float, positive_int
+from lorashelf.cli.args import float_range, int_range, output_path, positive_float, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
-    p.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    p.add_argument("--json", type=output_path, default=None, help="write results JSON here")
     lib = p.add_argument_group("library methods")
     lib.add_argument("--library", type=Path, default=None, help="library directory")
     lib.add_argument(

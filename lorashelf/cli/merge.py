@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorashelf.cli.args import positive_int
+from lorashelf.cli.args import output_path, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="SVD-truncate to this rank (needed for ties)",
     )
-    run.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    run.add_argument("--out", type=output_path, required=True, help="output PEFT adapter directory")
     run.add_argument(
         "--add", default=None, metavar="NAME", help="also add the merge to the library under NAME"
     )

@@ -192,3 +192,21 @@ def read_library_meta(root: Path) -> dict[str, Any]:
             f"reads ({FORMAT_VERSION}); upgrade lorashelf"
         )
     return meta
+
+
+def owning_library(path: str | Path) -> Path | None:
+    """The library directory ``path`` lies in (or is), or None.
+
+    Outputs of other commands (a clusters JSON, a merged adapter, results) must never
+    land inside a library: they would replace its ``library.json``, index or experts.
+    """
+    here = Path(path).expanduser().resolve()
+    for parent in (here, *here.parents):
+        meta = parent / LIBRARY_FILE
+        if meta.is_file():
+            try:
+                if json.loads(meta.read_text()).get("format") == LIBRARY_FORMAT:
+                    return parent
+            except (OSError, ValueError, AttributeError):
+                continue
+    return None
