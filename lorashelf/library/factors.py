@@ -14,7 +14,6 @@ LoraHub and merges all start from it. Variants whose update is not ``scale * B @
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
