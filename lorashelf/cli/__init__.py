@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorashelf.cli.args import OneLineParser, device, positive_int
 from lorashelf.errors import LorashelfError
 
 # Modules under lorashelf.cli that register verbs, in data-flow order.
@@ -60,7 +61,7 @@ def build_parser(active: str | None = None) -> argparse.ArgumentParser:
     """The whole parser. ``active`` names the verb about to run: verbs whose flags come
     from the methods' option dataclasses import those only when they are the active
     one (or when ``active`` is None), so ``library ls`` starts without torch."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lorashelf",
         description="Modular LLMs from a library of LoRA experts.",
     )
@@ -71,9 +72,12 @@ def build_parser(active: str | None = None) -> argparse.ArgumentParser:
         help="cache root for models and data (default: $LORASHELF_HOME or ~/.cache/lorashelf)",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+        "--device",
+        type=device,
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:
         try:

@@ -66,8 +66,16 @@ def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
         const="<bare>",
         default=None,
         metavar="PATH",
+        type=_json_path,
         help=f"write {what} as JSON to PATH ('-' for stdout)",
     )
+
+
+def _json_path(text: str) -> str:
+    """``-``, the bare-flag marker, or a path outside any library (refused inside one)."""
+    from lorashelf.cli.args import output_path
+
+    return text if text in ("-", "<bare>") else str(output_path(text))
 
 
 def json_target(args: argparse.Namespace) -> str | None:

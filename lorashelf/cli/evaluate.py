@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import int_range, positive_int
 from lorashelf.cli.convention import add_json_arg, add_library_arg, json_target, library_of
 from lorashelf.cli.options import (
     add_option_flags,
@@ -27,13 +28,16 @@ def register(sub: argparse._SubParsersAction, active: str | None = None) -> None
         required=True,
         help="comma-separated task ids, e.g. bigbench:sports_understanding",
     )
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per task")
     p.add_argument("--split", default="test", help="train, valid, test or all (default: test)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=int_range(2), default=1024)
     p.add_argument(
-        "--max-examples", type=int, default=None, help="cap examples read per task before splitting"
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="cap examples read per task before splitting",
     )
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")

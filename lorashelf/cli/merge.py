@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import output_path, positive_int
 from lorashelf.cli.options import (
     add_option_flags,
     add_set_flag,
@@ -27,9 +28,12 @@ def register(sub: argparse._SubParsersAction, active: str | None = None) -> None
         add_option_flags(run, method_option_classes(("merge",)))
     add_set_flag(run)
     run.add_argument(
-        "--rank", type=int, default=None, help="SVD-truncate to this rank (needed for ties)"
+        "--rank",
+        type=positive_int,
+        default=None,
+        help="SVD-truncate to this rank (needed for ties)",
     )
-    run.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    run.add_argument("--out", type=output_path, required=True, help="output PEFT adapter directory")
     run.add_argument(
         "--add", default=None, metavar="NAME", help="also add the merge to the library under NAME"
     )

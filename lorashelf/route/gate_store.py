@@ -14,7 +14,6 @@ written to a temporary name and renamed, so a crash leaves the old file or the n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.derived import tensors_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -68,16 +68,6 @@ def adapter_checksum(expert: Expert) -> str:
             "library (`lorashelf library verify`)"
         )
     return checksum
-
-
-def tensors_sha256(arrays: Mapping[str, Any]) -> str:
-    """sha256 over ``name, float32 bytes`` of every tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = arrays[name]
-        data = a.detach().cpu().float().contiguous().numpy() if hasattr(a, "detach") else a
-        h.update(name.encode() + b"\0" + data.astype("<f4").tobytes())
-    return h.hexdigest()
 
 
 def save_gates(
@@ -132,6 +122,8 @@ def load_gates(
         raise _corrupt(expert, path, "they were trained for another adapter")
     if header.get("tensors_sha256") != tensors_sha256(gates):
         raise _corrupt(expert, path, "their tensors do not match their sha256")
+    if not all(bool(g.isfinite().all()) for g in gates.values()):
+        raise _corrupt(expert, path, "they hold NaN or inf values")
     meta = {k: v if k in RAW_FIELDS else _decode(v) for k, v in header.items()}
     return StoredGates(gates=gates, meta=meta)
 
