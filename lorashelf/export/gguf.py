@@ -63,7 +63,9 @@ def read_base(path: str | os.PathLike[str]) -> GgufBase:
     try:
         reader = GGUFReader(str(path))
     except (OSError, ValueError) as e:
-        raise LorashelfError(f"cannot read {path} as a GGUF model ({e}); pass the base .gguf")
+        raise LorashelfError(
+            f"cannot read {path} as a GGUF model ({e}); pass the base .gguf"
+        ) from None
     kv = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tok")}
     arch = str(kv.get("general.architecture", ""))
     if kv.get("general.type", "model") != "model" or arch not in ARCHITECTURES.values():
