@@ -33,6 +33,7 @@ VERB_MODULES = (
     "gates",
     "compose",
     "evaluate",
+    "export",
     "demo",
 )
 
