@@ -31,6 +31,7 @@ VERB_MODULES = (
     "gates",
     "compose",
     "evaluate",
+    "serve",
     "demo",
 )
 

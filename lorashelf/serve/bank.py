@@ -23,7 +23,7 @@ from torch import nn
 
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library
-from lorashelf.serve.compositions import DEFAULT_TOP_K, Composition
+from lorashelf.serve.compositions import DEFAULT_TOP_K, Composition, UnknownModel
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
@@ -103,6 +103,9 @@ class Bank:
                 out.append(Composition(lib, "phatgoose"))
         return out
 
+    def model_ids(self) -> list[str]:
+        return [c.model_id() for c in self.compositions()]
+
     # ------------------------------------------------------------ attachment
     def _attach(self) -> None:
         from lorashelf.lora import attach
@@ -143,15 +146,15 @@ class Bank:
 
     # ------------------------------------------------------------ requests
     def resolve(self, comp: Composition) -> RowSpec:
-        """The row spec of ``comp``; unknown experts raise (KeyError for a model id's)."""
+        """The row spec of ``comp``; unknown experts raise (UnknownModel for a model id's)."""
         experts = self.snapshot.experts.get(comp.library)
         if experts is None:
-            raise KeyError(comp.library)
+            raise UnknownModel(comp.library, self.model_ids())
         names = comp.experts
         for n in names or ():
             if n not in experts:
                 if comp.kind == "expert":
-                    raise KeyError(f"{comp.library}/{n}")
+                    raise UnknownModel(f"{comp.library}/{n}", self.model_ids())
                 raise LorashelfError(
                     f"no expert {n!r} in library {comp.library}{did_you_mean(n, experts)}"
                 )

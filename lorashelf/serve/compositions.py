@@ -20,13 +20,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorashelf.errors import LorashelfError
+from lorashelf.errors import LorashelfError, did_you_mean
 
 MERGES = ("uniform", "ties")
 ROUTED = ("arrow", "phatgoose")
 KINDS = ("base", "expert", "weights", *MERGES, *ROUTED)
 OPTIONS = ("method", "top_k", "temperature", "experts", "weights", "merge", "density")
 DEFAULT_TOP_K = {"arrow": 4, "phatgoose": 2}  # the routers' own defaults
+
+
+class UnknownModel(LorashelfError):
+    """A model id (or its expert) that is not served: the server's 404."""
+
+    def __init__(self, model: str, served: Sequence[str]) -> None:
+        super().__init__(
+            f"the model {model!r} is not served{did_you_mean(model, served)}; "
+            "GET /v1/models (or `lorashelf library ls LIB`) lists them"
+        )
+        self.model = model
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,9 @@ class Composition:
         return f"{self.library}:{self.kind}"
 
 
-def parse_model_id(model: str, libraries: Sequence[str]) -> Composition:
-    """``LIB``, ``LIB/EXPERT`` or ``LIB:METHOD`` -> a composition (expert names unchecked)."""
+def parse_model_id(model: str, libraries: Sequence[str], served: Sequence[str]) -> Composition:
+    """``LIB``, ``LIB/EXPERT`` or ``LIB:METHOD`` -> a composition (expert names unchecked;
+    ``served`` are the model ids that a "did you mean" suggests)."""
     if model in libraries:
         return Composition(model)
     lib, slash, expert = model.partition("/")
@@ -78,8 +90,11 @@ def parse_model_id(model: str, libraries: Sequence[str]) -> Composition:
         return Composition(lib, "expert", (expert,))
     lib, colon, method = model.rpartition(":")
     if colon and lib in libraries:
-        return parse_method(lib, method)
-    raise KeyError(model)
+        try:
+            return parse_method(lib, method)
+        except LorashelfError:
+            pass
+    raise UnknownModel(model, served)
 
 
 def parse_method(library: str, method: str) -> Composition:

@@ -29,7 +29,7 @@ import torch
 
 from lorashelf.errors import LorashelfError
 from lorashelf.serve.bank import Bank
-from lorashelf.serve.compositions import Composition
+from lorashelf.serve.compositions import Composition, UnknownModel
 from lorashelf.serve.sampling import SamplingParams, TextStream, next_tokens, top_logprobs
 
 log = logging.getLogger("lorashelf.serve")
@@ -188,10 +188,8 @@ class Engine:
                 continue
             try:
                 rows.append(_Row(req, self.bank.resolve(req.composition), self.tokenizer))
-            except KeyError as e:
-                _emit(
-                    req, Event("error", text=f"the model {e.args[0]!r} is not served", status=404)
-                )
+            except UnknownModel as e:
+                _emit(req, Event("error", text=str(e), status=404))
             except LorashelfError as e:
                 _emit(req, Event("error", text=str(e), status=400))
         if not rows:
