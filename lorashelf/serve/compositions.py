@@ -134,12 +134,12 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
         )
     if options.get("method") is not None:
         comp = parse_method(comp.library, _typed(options, "method", str))
+    fields: dict[str, Any] = {}
     if options.get("merge") is not None:
         merge = _typed(options, "merge", str)
         if merge not in MERGES:
             raise LorashelfError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
-        comp = dataclasses.replace(comp, kind=merge)
-    fields: dict[str, Any] = {}
+        fields["kind"] = merge
     if options.get("experts") is not None:
         experts = options["experts"]
         if (
@@ -150,12 +150,12 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
             raise LorashelfError("lorashelf.experts must be a non-empty list of expert names")
         fields["experts"] = tuple(experts)
     if options.get("weights") is not None:
-        comp = dataclasses.replace(comp, kind="weights")
+        fields["kind"] = "weights"
         fields.update(_weights(options["weights"], fields.get("experts")))
     for key, typ in (("top_k", int), ("temperature", float), ("density", float)):
         if options.get(key) is not None:
             fields[key] = _typed(options, key, typ)
-    if comp.kind == "expert" and "experts" in fields:
+    if fields.get("kind", comp.kind) == "expert" and "experts" in fields:
         raise LorashelfError(
             "lorashelf.experts applies to merges, weights and routing, not one expert"
         )
