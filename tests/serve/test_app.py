@@ -161,4 +161,6 @@ def test_api_key(served):
 
 def test_playground_page(client):
     r = client.get("/")
-    assert r.status_code == 200 and "/v1/chat/completions" in r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for needed in ("/v1/models", "/v1/chat/completions", "return_routing", "stream: true"):
+        assert needed in r.text
