@@ -34,6 +34,7 @@ VERB_MODULES = (
     "compose",
     "evaluate",
     "export",
+    "serve",
     "demo",
 )
 
