@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 
 from lorashelf.cli.args import fraction, nonneg_int, output_path, positive_int
+from lorashelf.cli.convention import add_library_arg, deprecated, library_of
+from lorashelf.cli.options import parse_sets
 
 
 def _similarity_options(p: argparse.ArgumentParser) -> None:
@@ -88,9 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_cluster_check)
 
     b = sub.add_parser("build", help="train one expert per cluster of a clusters.json (MBC)")
-    b.add_argument("--from", dest="source", type=Path, required=True, help="clustered library")
+    add_library_arg(b, old="--from")  # the clustered library (--from DIR: deprecated)
     b.add_argument("--clusters", type=Path, required=True, help="clusters.json to build")
-    b.add_argument("--library", type=Path, required=True, help="output library directory")
+    b.add_argument("--out", type=Path, default=None, help="output library directory")
+    b.add_argument("--library", type=Path, default=None, help=argparse.SUPPRESS)  # deprecated
     b.add_argument("--model", default=None, help="base model (default: the source library's)")
     b.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     b.add_argument("--prefix", default="cluster", help="built experts are PREFIX_ID")
@@ -232,24 +235,6 @@ def print_agreement(truth, rows: list[dict], summary: list[dict], k: int) -> Non
     Console().print(table)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=3", "lr=3e-4", "tag=x"]`` -> {"epochs": 3, "lr": 0.0003, "tag": "x"}."""
-    import json
-
-    from lorashelf.errors import LorashelfError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise LorashelfError(f"--set {pair!r} is not KEY=VALUE; e.g. --set epochs=3")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def override(options: dict, changes: dict) -> dict:
     """``options`` updated by ``changes``; a new ``steps`` clears ``epochs`` and vice versa."""
     out = {**options, **changes}
@@ -270,7 +255,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from lorashelf.runtime import resolve_dtype
     from lorashelf.train.config import TrainConfig
 
-    source = Library.open(args.source)
+    source = Library.open(library_of(args))
+    out_dir = args.out
+    if args.library is not None:
+        deprecated("build --library OUT", "build LIB --out OUT")
+        out_dir = out_dir or args.library
+    if out_dir is None:
+        raise LorashelfError("pass the output library with --out DIR")
     cards = {n: dict(source.get(n).card) for n in source.names()}
     options = training_from_cards(cards)  # train cluster experts like the private ones
     if args.train_config:
@@ -280,9 +271,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise LorashelfError(
                 f"--train-config {args.train_config}: {e}; pass a JSON object file"
             ) from None
-    train_cfg = from_dict(TrainConfig, override(options, parse_overrides(args.overrides)))
+    train_cfg = from_dict(TrainConfig, override(options, parse_sets(args.overrides)))
     base = args.model or source.base_model
-    out = Library.open(args.library, create=True, base_model=base)
+    out = Library.open(out_dir, create=True, base_model=base)
     trainer = make_trainer(
         base,
         train_cfg,
@@ -292,7 +283,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     built = build_library(args.clusters, source, out, trainer, prefix=args.prefix, progress=True)
     total = len(load_clusters(args.clusters).clusters)
-    print(f"built {len(built)} of {total} cluster expert(s) into {args.library}")
+    print(f"built {len(built)} of {total} cluster expert(s) into {out_dir}")
     return 0
 
 

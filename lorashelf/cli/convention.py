@@ -108,3 +108,14 @@ def task_list(value: str | None, flag: str = "--tasks") -> list[str]:
     if not tasks:
         raise LorashelfError(f"{flag} is empty; pass e.g. {flag} bigbench:sports_understanding")
     return tasks
+
+
+def one_task(args: argparse.Namespace) -> str:
+    """A single-task verb's task: ``--tasks T`` (or the deprecated ``--task T``)."""
+    old = getattr(args, "task", None)
+    if old is not None:
+        deprecated("--task T", "--tasks T")
+    tasks = task_list(args.tasks if args.tasks is not None else old)
+    if len(tasks) != 1:
+        raise LorashelfError(f"this verb takes one task; got {len(tasks)}: {', '.join(tasks)}")
+    return tasks[0]

@@ -104,3 +104,42 @@ def method_option_classes(kinds: Sequence[str] = ("merge", "router")) -> dict[st
     if "router" in kinds:
         out.update({n: m.config_cls for n, m in ROUTERS.items()})
     return out
+
+
+CONFIG_DEST = "_config_{}"
+
+
+def add_config_flags(
+    group: Any,
+    cls: type,
+    helps: Mapping[str, str],
+    types: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> None:
+    """One flag per field of ``cls`` named in ``helps`` (in that order), default unset so
+    ``cls`` keeps the default: the help text shows it. ``types`` overrides a field's
+    argparse type (a validator), ``flags`` a flag's name (``{"dtype": "--compute-dtype"}``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, text in helps.items():
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        dest = CONFIG_DEST.format(name)
+        shown = f"{text} (default: {default})" if default is not None else text
+        if isinstance(default, bool):
+            group.add_argument(
+                flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=text
+            )
+            continue
+        kind = (types or {}).get(name) or _kind(default) or str
+        group.add_argument(
+            flag, dest=dest, type=kind, default=None, metavar=name.upper(), help=shown
+        )
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user set with :func:`add_config_flags` flags."""
+    prefix = CONFIG_DEST.format("")
+    return {
+        k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None
+    }

@@ -117,7 +117,8 @@ def test_bad_request_writes_nothing(fake_library, tmp_path):
 
 
 def test_training_options_default_to_the_source_experts():
-    from lorashelf.cli.cluster import override, parse_overrides
+    from lorashelf.cli.cluster import override
+    from lorashelf.cli.options import parse_sets as parse_overrides
     from lorashelf.cluster.build import training_from_cards
 
     t = {"rank": 4, "steps": 200, "epochs": None, "init_seed": 7}

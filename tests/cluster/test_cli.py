@@ -95,8 +95,8 @@ def test_build_cli_trains_one_expert_per_cluster_and_resumes(peft_library, tmp_p
     lib, _ = peft_library
     clusters, out = tmp_path / "clusters.json", tmp_path / "built"
     assert main(["cluster", str(lib), "--k", "3", "--out", str(clusters)]) == 0
-    args = ["--device", "cpu", "build", "--from", str(lib), "--clusters", str(clusters),
-            "--library", str(out), "--dtype", "fp32", "--set", "steps=2", "--set", "batch_size=4",
+    args = ["--device", "cpu", "build", str(lib), "--clusters", str(clusters),
+            "--out", str(out), "--dtype", "fp32", "--set", "steps=2", "--set", "batch_size=4",
             "--set", "max_length=32", "--set", "target_modules=[\"q_proj\", \"v_proj\"]"]  # fmt: skip
     assert main(args) == 0
     assert "built 3 of 3" in capsys.readouterr().out
