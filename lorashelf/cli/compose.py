@@ -212,7 +212,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     experts = resolve_experts(lib, config.experts, args.device)
     eval_cfg = EvalConfig(
         split="test", limit=args.limit, seed=fs.split_seed, batch_size=args.batch_size,
-        max_length=args.max_length, chat=args.chat,
+        max_length=args.max_length, chat=config.chat,
     )  # fmt: skip
 
     def evaluate(model, tokenizer, task):

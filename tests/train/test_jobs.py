@@ -136,9 +136,10 @@ def test_cli_train_end_to_end(tiny_model_dir, jsonl_tasks, tmp_path, capsys):
     assert captured.out.count(": already in") == 2 and "0 trained, 2 skipped" in captured.out
     assert "deprecated" in captured.err and "train LIB --tasks" in captured.err
     # joint + name errors are one line, exit 2
-    assert main([*common, *jsonl_tasks[:2], *opts, "--name", "x"]) == 2
+    new = [*common, str(lib), "--tasks", ",".join(jsonl_tasks[:2]), *opts]
+    assert main([*new, "--name", "x"]) == 2
     assert "--joint NAME" in capsys.readouterr().err
-    assert main([*common, *jsonl_tasks[:2], *opts, "--joint", "shared"]) == 0
+    assert main([*new, "--joint", "shared"]) == 0
     with Library.open(lib) as library:
         assert library.get("shared").card["tasks"] == jsonl_tasks[:2]
 
