@@ -39,8 +39,13 @@ def ctx(model, tiny_tokenizer, make_library, shots):
 
 
 def test_registry_lists_the_comparisons():
-    assert FEWSHOT_METHODS.names() == ["gradient", "icl", "lora", "lorahub", "uniform", "zero-shot"]
+    """The comparisons ``lorashelf fewshot`` promises are registered (a new method may
+    join them; the contract below tests it), and a typo names the close ones."""
+    for name in ("gradient", "icl", "lora", "lorahub", "uniform", "zero-shot"):
+        assert name in FEWSHOT_METHODS and FEWSHOT_METHODS.get(name).name == name
     assert not FEWSHOT_METHODS.get("zero-shot").seeded and FEWSHOT_METHODS.get("lorahub").seeded
+    with pytest.raises(LorashelfError, match="did you mean: lorahub"):
+        FEWSHOT_METHODS.get("lorahb")
 
 
 @pytest.mark.parametrize("name", FEWSHOT_METHODS.names())
