@@ -6,25 +6,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import fraction, nonneg_int, output_path, positive_int
+
 
 def _similarity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--sparsity", type=float, default=0.5, help="mbc: zero this fraction of smallest weights"
+        "--sparsity", type=fraction, default=0.5, help="mbc: zero this fraction of smallest weights"
     )
-    p.add_argument("--svd-dim", type=int, default=64, help="mbc: truncated SVD dim (0: none)")
+    p.add_argument(
+        "--svd-dim", type=nonneg_int, default=64, help="mbc: truncated SVD dim (0: none)"
+    )
     p.add_argument(
         "--center",
         action="store_true",
         help="mbc: subtract the mean expert first (removes the shared LoRA A init)",
     )
-    p.add_argument("--n-init", type=int, default=10, help="k-means restarts")
-    p.add_argument("--max-iter", type=int, default=300, help="k-means iterations per restart")
+    p.add_argument("--n-init", type=positive_int, default=10, help="k-means restarts")
+    p.add_argument(
+        "--max-iter", type=positive_int, default=300, help="k-means iterations per restart"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="cluster a library's experts (MBC, random, embedding)")
     p.add_argument("dir", type=Path, help="library directory")
-    p.add_argument("--k", type=int, required=True, help="number of clusters")
+    p.add_argument("--k", type=positive_int, required=True, help="number of clusters")
     p.add_argument("--method", default="mbc", help="mbc (default), random or embedding")
     p.add_argument("--seed", type=int, default=0, help="k-means / random seed")
     _similarity_options(p)
@@ -35,16 +41,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random: use the cluster sizes of this clusters.json (default: balanced)",
     )
     p.add_argument("--model", default=None, help="embedding: base model (default: library's)")
-    p.add_argument("--max-prompts", type=int, default=32, help="embedding: prompts per expert")
+    p.add_argument(
+        "--max-prompts", type=positive_int, default=32, help="embedding: prompts per expert"
+    )
     p.add_argument("--dtype", default="auto", help="embedding: auto, bf16, fp16, fp32")
     p.add_argument(
         "--allow-mixed-init",
         action="store_true",
         help="cluster experts trained from different LoRA init seeds anyway",
     )
-    p.add_argument("--block-size", type=int, default=None, help="experts per similarity block")
-    p.add_argument("--block-mb", type=int, default=512, help="memory for similarity blocks")
-    p.add_argument("--out", type=Path, required=True, help="clusters.json to write")
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="experts per similarity block"
+    )
+    p.add_argument(
+        "--block-mb", type=positive_int, default=512, help="memory for similarity blocks"
+    )
+    p.add_argument("--out", type=output_path, required=True, help="clusters.json to write")
     p.add_argument("--plot", type=Path, default=None, help="similarity heatmap PNG to write")
     p.set_defaults(func=cmd_cluster)
 
@@ -60,12 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='JSON {"family": [task ids]} or a suite file with a "families" key; '
         "experts of unlisted tasks are families of their own",
     )
-    c.add_argument("--k", type=int, default=None, help="clusters (default: number of families)")
+    c.add_argument(
+        "--k", type=positive_int, default=None, help="clusters (default: number of families)"
+    )
     c.add_argument("--methods", default="mbc,embedding,random", help="comma-separated")
-    c.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    c.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1")
     _similarity_options(c)
     c.add_argument("--model", default=None, help="embedding: base model (default: library's)")
-    c.add_argument("--max-prompts", type=int, default=32, help="embedding: prompts per expert")
+    c.add_argument(
+        "--max-prompts", type=positive_int, default=32, help="embedding: prompts per expert"
+    )
     c.add_argument("--dtype", default="auto", help="embedding: auto, bf16, fp16, fp32")
     c.add_argument("--allow-mixed-init", action="store_true", help="as for cluster")
     c.add_argument("--json", type=Path, default=None, help="write every run's result here")

@@ -6,20 +6,45 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import (
+    float_range,
+    int_range,
+    nonempty,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+
+# LoraHub uses 5-20 shots; each costs memory per candidate, so thousands run out of memory
+MAX_SHOTS = 256
+
 
 def _compose_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("composition (LoraHub)")
-    g.add_argument("--shots", type=int, default=5, help="examples drawn from the train split")
+    g.add_argument(
+        "--shots",
+        type=int_range(1, MAX_SHOTS),
+        default=5,
+        help="examples drawn from the train split",
+    )
     g.add_argument("--experts", default=None, help="comma-separated experts (default: all)")
-    g.add_argument("--preselect", type=int, default=None, help="keep the N best experts first")
+    g.add_argument(
+        "--preselect", type=positive_int, default=None, help="keep the N best experts first"
+    )
     g.add_argument("--preselect-by", default="loss", help="loss (default) or arrow")
-    g.add_argument("--budget", type=int, default=40, help="loss evaluations (adam: steps)")
+    g.add_argument("--budget", type=positive_int, default=40, help="loss evaluations (adam: steps)")
     g.add_argument("--mix", default="params", help="params (LoraHub, default) or output")
     g.add_argument("--optimizer", default="cma", help="cma (default), ngopt or adam")
-    g.add_argument("--popsize", type=int, default=None, help="candidates asked per generation")
-    g.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty")
+    g.add_argument(
+        "--popsize", type=positive_int, default=None, help="candidates asked per generation"
+    )
+    g.add_argument(
+        "--l1", type=float_range(0.0), default=0.05, help="weight of the mean |w| penalty"
+    )
     g.add_argument("--loss", default="reference", help="reference (default), token or example")
-    g.add_argument("--chunk", type=int, default=16, help="candidates scored per forward pass")
+    g.add_argument(
+        "--chunk", type=positive_int, default=16, help="candidates scored per forward pass"
+    )
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     g.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     g.add_argument(
@@ -29,7 +54,9 @@ def _compose_options(p: argparse.ArgumentParser) -> None:
         "--layout", default="auto",
         help="shots per candidate: auto (default), prefix (shared prompt prefix once) or padded",
     )  # fmt: skip
-    g.add_argument("--max-examples", type=int, default=None, help="cap examples read per task")
+    g.add_argument(
+        "--max-examples", type=positive_int, default=None, help="cap examples read per task"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", type=Path, help="library directory (the expert is added to it)")
     p.add_argument("--task", required=True, help="task id, e.g. bigbench:logical_deduction/...")
     p.add_argument("--seed", type=int, default=0, help="shots draw and search seed")
-    p.add_argument("--name", default=None, help="expert name (default: lorahub__TASK__sSEED)")
-    p.add_argument("--save-rank", type=int, default=None, help="0: exact; K: SVD to rank K")
+    p.add_argument(
+        "--name", type=nonempty, default=None, help="expert name (default: lorahub__TASK__sSEED)"
+    )
+    p.add_argument("--save-rank", type=nonneg_int, default=None, help="0: exact; K: SVD to rank K")
     p.add_argument("--overwrite", action="store_true", help="replace an expert of that name")
     p.add_argument("--allow-mixed", action="store_true", help="allow a rank the library lacks")
     p.add_argument("--json", type=Path, default=None, help="write the result summary here")
@@ -48,13 +77,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("fewshot", help="compare LoraHub with few-shot baselines on tasks")
     f.add_argument("dir", type=Path, help="library directory")
     f.add_argument("--tasks", required=True, help="comma-separated task ids")
-    f.add_argument("--seeds", type=int, default=5, help="draws of shots (seeds 0..N-1)")
+    f.add_argument("--seeds", type=positive_int, default=5, help="draws of shots (seeds 0..N-1)")
     f.add_argument("--methods", default=None, help="comma-separated (default: all registered)")
-    f.add_argument("--limit", type=int, default=None, help="at most N test examples per task")
-    f.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
-    f.add_argument("--max-length", type=int, default=1024, help="evaluation max tokens")
-    f.add_argument("--lora-steps", type=int, default=100, help="lora baseline: training steps")
-    f.add_argument("--lora-lr", type=float, default=1e-3, help="lora baseline: learning rate")
+    f.add_argument(
+        "--limit", type=positive_int, default=None, help="at most N test examples per task"
+    )
+    f.add_argument("--batch-size", type=positive_int, default=16, help="evaluation batch size")
+    f.add_argument("--max-length", type=int_range(2), default=1024, help="evaluation max tokens")
+    f.add_argument(
+        "--lora-steps", type=positive_int, default=100, help="lora baseline: training steps"
+    )
+    f.add_argument(
+        "--lora-lr", type=positive_float, default=1e-3, help="lora baseline: learning rate"
+    )
     f.add_argument("--json", type=Path, default=None, help="write the report JSON here")
     _compose_options(f)
     f.set_defaults(func=cmd_fewshot)
@@ -159,11 +194,16 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     task_ids = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not task_ids:
         raise LorashelfError("--tasks is empty; pass e.g. --tasks bigbench:logical_deduction/...")
+    from lorashelf.methods import fewshot_methods
+
+    table = fewshot_methods()
     methods = (
         tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.methods
-        else all_methods()
+        else all_methods(table)
     )
+    for m in methods:
+        table.get(m)  # unknown names fail before any slow loading, with suggestions
     options = FewShotOptions(lora_steps=args.lora_steps, lora_lr=args.lora_lr)
     fs = FewShotConfig(shots=args.shots, seeds=args.seeds, methods=methods, options=options)
     config = _config(args)
@@ -180,7 +220,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         r = evaluate_task(model, tokenizer, task, eval_cfg)
         return {"n": r.n, "accuracy": r.accuracy, "nll": r.nll}
 
-    report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True)
+    report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True, table=table)
     title = f"{args.shots} shots x {args.seeds} seeds, {len(experts)} experts"
     Console().print(fewshot_table(report, title=title))
     if args.json:

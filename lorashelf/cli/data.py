@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from lorashelf.cli.args import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="tasks: pull, ls, show")
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     show = verbs.add_parser("show", help="print a task's rendered examples")
     show.add_argument("task", help="task id, e.g. bigbench:sports_understanding")
-    show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
+    show.add_argument("--n", type=positive_int, default=3, help="how many examples (default 3)")
     show.add_argument("--split", default="test", help="train, valid, test or all")
     show.add_argument("--seed", type=int, default=0, help="split seed")
     show.set_defaults(func=cmd_show, needs_runtime=False)

@@ -1,6 +1,6 @@
 """``lorashelf train TASK [TASK ...] --library DIR``: one LoRA expert per task, or one joint.
 
-Thin handler over :func:`lorashelf.train.jobs.train_many`: experts already in the
+Thin handler over :func:`lorashelf.jobs.train.train_many`: experts already in the
 library are skipped (rerun to resume), the library is created for the model if it
 does not exist, and a summary table ends the run.
 """
@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from lorashelf.cli.args import (
+    float_range,
+    int_range,
+    nonempty,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,21 +29,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, help="base model (default: the library's, else smollm2-135m)"
     )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 200)")
     p.add_argument(
-        "--epochs", type=float, default=None, help="train for N epochs instead of --steps"
+        "--epochs", type=positive_float, default=None, help="train for N epochs instead of --steps"
     )
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=positive_int, default=4)
+    p.add_argument(
+        "--alpha", type=positive_float, default=None, help="LoRA alpha (default 2 * rank)"
+    )
+    p.add_argument("--dropout", type=float_range(0.0, 0.99), default=0.0)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument(
         "--schedule", default="linear", help="linear, cosine or constant (after warm-up)"
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="tokens; prompts cut from the left")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
-        "--max-valid", type=int, default=200, help="validation examples per task for the valid loss"
+        "--max-length", type=int_range(2), default=512, help="tokens; prompts cut from the left"
+    )
+    p.add_argument(
+        "--max-valid",
+        type=nonneg_int,
+        default=200,
+        help="validation examples per task for the valid loss",
     )
     p.add_argument(
         "--target-modules",
@@ -52,10 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp16, fp32")
     p.add_argument("--joint", metavar="NAME", default=None, help="one expert NAME on all tasks")
-    p.add_argument("--name", default=None, help="expert name for a single task")
+    p.add_argument("--name", type=nonempty, default=None, help="expert name for a single task")
     p.add_argument("--runner", default="local", help="local (one loaded model) or ray")
     p.add_argument(
-        "--max-examples", type=int, default=None, help="cap examples read per task before splitting"
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="cap examples read per task before splitting",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -121,8 +140,8 @@ def print_summary(results, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorashelf.jobs.train import train_many
     from lorashelf.models import DEFAULT_MODEL
-    from lorashelf.train.jobs import train_many
 
     config = config_from_args(args)
     model = args.model or library_base(args.library) or DEFAULT_MODEL

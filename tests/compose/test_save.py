@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from lorashelf.compose import ComposeConfig, compose, save_composition
-from lorashelf.route import attach
+from lorashelf.lora import attach
 
 
 def logits_of(model, tok, text="the quick brown fox"):

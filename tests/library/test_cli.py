@@ -79,7 +79,7 @@ def test_every_verb(tmp_path, run, make_adapter):
     weights = lib / "experts" / "logic" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     rc, out, err = run("verify", lib)
-    assert rc == 2 and "problem (corrupt)" in out and "adapter_model.safetensors" in out
+    assert rc == 1 and "problem (corrupt)" in out and "adapter_model.safetensors" in out
 
 
 def test_bad_input_exits_2(tmp_path, run, make_adapter, edit_config):

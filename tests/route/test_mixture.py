@@ -10,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from lorashelf.errors import LorashelfError
-from lorashelf.route import attach
+from lorashelf.lora import attach
 from lorashelf.route.arrow import ArrowRouter
 
 D_IN, D_OUT = 24, 40

@@ -9,9 +9,9 @@ import pytest
 
 from lorashelf.cli import main
 from lorashelf.errors import LorashelfError
+from lorashelf.jobs.train import Job, JobResult, plan_jobs, train_many
 from lorashelf.library import Library, safe_name
 from lorashelf.train import TrainConfig
-from lorashelf.train.jobs import Job, JobResult, plan_jobs, train_many
 
 CFG = TrainConfig(steps=3, batch_size=4, lr=1e-2, max_length=64, warmup=0.0)
 
