@@ -33,6 +33,8 @@ VERB_MODULES = (
     "gates",
     "compose",
     "evaluate",
+    "export",
+    "serve",
     "demo",
 )
 

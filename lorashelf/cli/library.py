@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorashelf.cli.args import nonempty, positive_int
+from lorashelf.errors import LorashelfError
 
 RICH_MAX_ROWS = 300
 LS_COLUMNS = ("name", "tasks", "rank", "modules", "source", "created")
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = verbs.add_parser("import", help="add a PEFT adapter dir or Hugging Face repo id")
     v.add_argument("dir", type=Path)
     v.add_argument("src", help="PEFT adapter dir or hub repo id (org/name)")
+    v.add_argument("--all", action="store_true", help="every adapter subfolder of src")
     v.add_argument(
         "--name", type=nonempty, default=None, help="expert name (default: from the source)"
     )
@@ -49,11 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     v.set_defaults(func=cmd_import)
 
-    v = verbs.add_parser("export", help="write an expert as a plain PEFT dir")
+    v = verbs.add_parser("export", help="write an expert (or --all) as plain PEFT dirs")
     v.add_argument("dir", type=Path)
-    v.add_argument("name")
-    v.add_argument("out", type=Path)
-    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("name", nargs="?", default=None)
+    v.add_argument("out", type=Path, nargs="?", default=None)
+    v.add_argument("--all", action="store_true", help="every expert, one subfolder each")
+    v.add_argument("--out", type=Path, default=None, dest="out_dir", help="with --all: DIR")
+    v.add_argument("--overwrite", action="store_true", help="replace an earlier export")
     v.set_defaults(func=cmd_export)
 
     v = verbs.add_parser("ls", help="list experts")
@@ -104,9 +108,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from lorashelf.library import Library, import_adapter
+    from lorashelf.library import Library, import_adapter, import_all
 
     lib = Library.open(args.dir)
+    if args.all:
+        if args.name or args.task:
+            raise LorashelfError("--all names experts from their subfolders; drop --name/--task")
+        experts = import_all(lib, args.src, revision=args.revision, overwrite=args.overwrite,
+                             allow_mixed=args.allow_mixed)  # fmt: skip
+        print(f"imported {len(experts)} experts from {args.src} into {args.dir}")
+        return 0
     card = {"tasks": args.task} if args.task else None
     expert = import_adapter(
         lib, args.src, name=args.name, card=card, revision=args.revision,
@@ -118,9 +129,21 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lorashelf.library import Library, export_expert
+    from lorashelf.library import Library, export_expert, export_library
 
-    out = export_expert(Library.open(args.dir).get(args.name), args.out, overwrite=args.overwrite)
+    lib = Library.open(args.dir)
+    if args.all:
+        if args.name or args.out or not args.out_dir:
+            raise LorashelfError("write `library export LIB --all --out DIR` (no NAME)")
+        paths = export_library(lib, args.out_dir, overwrite=args.overwrite)
+        print(f"exported {len(paths)} experts to {args.out_dir}")
+        return 0
+    out = args.out or args.out_dir
+    if not args.name or out is None:
+        raise LorashelfError(
+            "write `library export LIB NAME OUT` or `library export LIB --all --out DIR`"
+        )
+    out = export_expert(lib.get(args.name), out, overwrite=args.overwrite)
     print(f"exported {args.name} to {out}")
     return 0
 

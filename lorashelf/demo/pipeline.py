@@ -115,7 +115,7 @@ class Demo:
             argv = ["eval", "--tasks", tasks, "--limit", str(self.suite.eval_limit),
                     "--method", method, "--json", out]  # fmt: skip
             if lib is not None:
-                argv += ["--library", self.out / lib]
+                argv.insert(1, self.out / lib)  # the library is the first argument
             if method == "oracle":
                 argv += ["--oracle-map", oracle]
             if method == "arrow":
@@ -140,6 +140,10 @@ class Demo:
         self.stage("train PHATGOOSE gates", self.gates)
         self.stage("evaluate on held-out tasks", self.evaluate)
         self.stage("LoraHub few-shot", self.fewshot)
+        self.console.print(
+            f"serve what it built: lorashelf serve {self.out / 'private'} {self.out / 'mbc'}"
+            "  (then open http://127.0.0.1:8000/)"
+        )
         timings = self.out / "timings.json"
         previous = json.loads(timings.read_text()) if timings.exists() else {}
         timings.write_text(

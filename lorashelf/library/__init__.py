@@ -18,7 +18,7 @@ from lorashelf.library.expert import Expert, Problem
 from lorashelf.library.factors import LoraFactors, read_lora_factors
 from lorashelf.library.names import check_name, safe_name
 from lorashelf.library.store import Library
-from lorashelf.library.transfer import export_expert, import_adapter
+from lorashelf.library.transfer import export_expert, export_library, import_adapter, import_all
 
 __all__ = [
     "Expert",
@@ -27,7 +27,9 @@ __all__ = [
     "Problem",
     "check_name",
     "export_expert",
+    "export_library",
     "import_adapter",
+    "import_all",
     "read_lora_factors",
     "safe_name",
 ]

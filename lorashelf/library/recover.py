@@ -195,9 +195,13 @@ def repair_library(root: Path, index: Index, *, clean: bool = True) -> Repair:
         log.warning(
             "library %s: index reconciled with the expert dirs (%s)", root, repair.summary()
         )
-        for name, why in sorted(repair.skipped.items()):
-            log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+    log_skipped(root, repair)
     return repair
+
+
+def log_skipped(root: Path, repair: Repair) -> None:
+    for name, why in sorted(repair.skipped.items()):
+        log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
 
 
 def rebuild(root: Path, index: Index) -> None:
@@ -207,8 +211,7 @@ def rebuild(root: Path, index: Index) -> None:
         clean_tmp(root, index, repair)
         index.clear()
         reconcile(root, index, repair)
-    for name, why in sorted(repair.skipped.items()):
-        log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+    log_skipped(root, repair)
 
 
 def find_problems(

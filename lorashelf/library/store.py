@@ -463,8 +463,10 @@ def _read_index(root: Path) -> tuple[Index, str | None]:
 
 def _in_memory(root: Path, index: Index | None) -> Index:
     index = index or Index(None)
+    repair = recover.Repair()
     with index.write():
-        recover.reconcile(root, index, recover.Repair(), in_memory=True)
+        recover.reconcile(root, index, repair, in_memory=True)
+    recover.log_skipped(root, repair)
     return index
 
 

@@ -12,7 +12,8 @@ router per module (E = 1), so gradients reach the gates and nothing else; batchi
 the target-only loss with the LM head at target positions only, autocast and the
 learning-rate schedule are the trainer's (lorashelf.train).
 :func:`train_library_gates` does this for every expert of a library that has no
-gates yet, on each expert's card tasks, cut with the split seed it was trained with.
+gates yet, on each expert's card tasks, cut with the split seed it was trained with,
+through the resumable job runner (:func:`lorashelf.jobs.run_jobs`).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_ls_path_imports_no_torch(tmp_path, make_adapter):
     code = (
         "import sys\n"
         "from lorashelf.cli import build_parser\n"
-        f"args = build_parser().parse_args(['library', 'ls', {str(lib.path)!r}])\n"
+        f"args = build_parser('library').parse_args(['library', 'ls', {str(lib.path)!r}])\n"
         "assert args.func(args) == 0\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
         "print('heavy:', heavy)\n"

@@ -44,6 +44,12 @@ def write_adapter(
 
 
 @pytest.fixture(scope="session")
+def adapter_writer():
+    """:func:`write_adapter`, for module- and session-scoped fixtures."""
+    return write_adapter
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes(tiny_model) -> dict[str, tuple[int, int]]:
     """``{module: (d_in, d_out)}`` of the tiny model's q_proj and v_proj layers."""
     return {
@@ -85,22 +91,33 @@ def mc_task(tmp_path) -> str:
     return f"jsonl:{path}"
 
 
+def run_cli(capsys, home: Path, *argv) -> tuple[int, str, str]:
+    """``lorashelf.cli.main`` in process: (rc, out, err); a user error must be one line."""
+    capsys.readouterr()
+    try:
+        rc = main(["--home", str(home), *map(str, argv)])
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        rc = int(e.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out, err
+    if rc == 2:  # progress bars may come first; the error is the one last line
+        lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("lorashelf: error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], err
+    return rc, out, err
+
+
+@pytest.fixture(scope="session")
+def cli_runner():
+    """:func:`run_cli`, for tests that choose the home directory themselves."""
+    return run_cli
+
+
 @pytest.fixture
 def cli(capsys, tmp_path):
     """``cli(*argv) -> (rc, out, err)``; asserts a user error is exactly one line."""
 
     def run(*argv) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = main(["--home", str(tmp_path / "home"), *map(str, argv)])
-        except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-            rc = int(e.code or 0)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err and "Traceback" not in out, err
-        if rc == 2:  # progress bars may come first; the error is the one last line
-            lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
-            errors = [ln for ln in lines if ln.startswith("lorashelf: error:")]
-            assert len(errors) == 1 and lines[-1] == errors[0], err
-        return rc, out, err
+        return run_cli(capsys, tmp_path / "home", *argv)
 
     return run
