@@ -52,14 +52,19 @@ VOCAB_SIZE = len(make_tokenizer())
 
 
 def make_model(
-    vocab_size: int = VOCAB_SIZE, seed: int = 0, hidden: int = 64, layers: int = 2
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int | None = None,
 ) -> LlamaForCausalLM:
-    """The tiny random Llama: 4 heads, 2 kv heads (v_proj is ``hidden // 2`` wide)."""
+    """The tiny random Llama: 4 heads, 2 kv heads (v_proj is ``hidden // 2`` wide), an
+    MLP of ``intermediate`` (default ``2 * hidden``)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -51,6 +51,8 @@ def test_table_holds_the_comparisons_and_every_merge():
     for name in MERGES.names():
         assert not FEWSHOT_METHODS.get(name).seeded
     assert not FEWSHOT_METHODS.get("zero-shot").seeded and FEWSHOT_METHODS.get("lorahub").seeded
+    with pytest.raises(LorashelfError, match="did you mean: lorahub"):
+        FEWSHOT_METHODS.get("lorahb")
 
 
 @pytest.mark.parametrize("name", FEWSHOT_METHODS.names())
