@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from lorashelf.cli.args import positive_int
+from lorashelf.cli.convention import add_json_arg, emit_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = verbs.add_parser("ls", help="list known tasks")
     ls.add_argument("--source", default=None, help="only this source, e.g. bigbench")
     ls.add_argument("--kind", choices=["mc", "gen"], default=None)
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(ls, "the list")
     ls.set_defaults(func=cmd_ls, needs_runtime=False)
 
     show = verbs.add_parser("show", help="print a task's rendered examples")
@@ -60,8 +60,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from lorashelf.data import list_tasks
 
     rows = list_tasks(args.home, source=args.source, kind=args.kind)
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+    if emit_json(args, [asdict(r) for r in rows]):
         return 0
     console = Console()
     table = Table(title=f"{len(rows)} tasks")

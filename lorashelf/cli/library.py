@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorashelf.cli.args import nonempty, positive_int
+from lorashelf.cli.convention import add_json_arg, emit_json
 from lorashelf.errors import LorashelfError
 
 RICH_MAX_ROWS = 300
@@ -64,13 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", type=Path)
     v.add_argument("--task", default=None, help="only experts trained on this task")
     v.add_argument("--source", default=None, help="only experts of this source (train, ...)")
-    v.add_argument("--json", action="store_true")
+    add_json_arg(v)
     v.set_defaults(func=cmd_ls)
 
     v = verbs.add_parser("show", help="an expert's card and adapter config")
     v.add_argument("dir", type=Path)
     v.add_argument("name")
-    v.add_argument("--json", action="store_true")
+    add_json_arg(v)
     v.set_defaults(func=cmd_show)
 
     v = verbs.add_parser("rm", help="remove experts")
@@ -153,8 +154,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     lib = Library.open(args.dir)
     rows = [_ls_row(e) for e in lib.filter(task=args.task, source=args.source)]
-    if args.json:
-        print(json.dumps(rows, indent=1))
+    if emit_json(args, [_ls_json(e) for e in lib.filter(task=args.task, source=args.source)]):
+        pass
     elif not rows:
         print(f"no experts in {args.dir}" + (" match" if args.task or args.source else ""))
     elif len(rows) <= RICH_MAX_ROWS:
@@ -170,8 +171,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     expert = Library.open(args.dir).get(args.name)
     doc = {"path": str(expert.path), **expert.card, "adapter_config": expert.peft_config}
-    if args.json:
-        print(json.dumps(doc, indent=2))
+    if emit_json(args, doc):
         return 0
     for key, value in doc.items():
         text = value if isinstance(value, str) else json.dumps(value)
@@ -220,6 +220,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _rank(expert: Any) -> str:
     return str(expert.rank) if expert.rank is not None else "mixed"
+
+
+def _ls_json(expert: Any) -> dict[str, Any]:
+    """One expert for ``ls --json``, in JSON types (rank: an int, or null when mixed)."""
+    return {
+        "name": expert.name,
+        "tasks": list(expert.tasks),
+        "rank": expert.rank,
+        "modules": list(expert.target_modules),
+        "source": expert.source,
+        "created": expert.created,
+    }
 
 
 def _ls_row(expert: Any) -> dict[str, Any]:

@@ -48,13 +48,16 @@ def test_every_verb(tmp_path, run, make_adapter):
 
     rc, out, _ = run("ls", lib)
     assert rc == 0 and "logic" in out and "bigbench:logic" in out and "other" in out
-    rc, out, _ = run("ls", lib, "--json", "--task", "bigbench:logic")
+    rc, out, _ = run("ls", lib, "--json", "-", "--task", "bigbench:logic")
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["logic"]
-    assert rows[0] | {"created": ""} == {
-        "name": "logic", "tasks": "bigbench:logic", "rank": "4", "modules": "q_proj,v_proj",
+    assert rows[0] | {"created": ""} == {  # JSON types: a list of tasks, an int rank
+        "name": "logic", "tasks": ["bigbench:logic"], "rank": 4, "modules": ["q_proj", "v_proj"],
         "source": "import", "created": "",
     }  # fmt: skip
+    # the old bare --json still prints to stdout, with a deprecation line on stderr
+    rc, out, err = run("ls", lib, "--json", "--task", "bigbench:logic")
+    assert json.loads(out) == rows and "deprecated" in err
 
     rc, out, _ = run("show", lib, "logic", "--json")
     doc = json.loads(out)
