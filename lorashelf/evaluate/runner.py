@@ -63,6 +63,9 @@ class TaskResult:
     nll: float
     kind: str
     seconds: float
+    # per example, in split order: what intervals and paired tests resample
+    correct: list[bool] = field(default_factory=list)
+    nlls: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +165,8 @@ def evaluate_task(
         nll=sum(nlls) / len(nlls),
         kind=task.kind,
         seconds=time.perf_counter() - start,
+        correct=[bool(c) for c in correct],
+        nlls=[float(x) for x in nlls],
     )
 
 
