@@ -12,11 +12,20 @@ ratios, p50/p99 latency of the server requests, and how many server answers equa
 PEFT's greedy answers token for token (a speed ratio counts only at equal results;
 bf16 can flip near-ties).
 
-    .venv/bin/python bench/serve_throughput.py [--model DIR] [--experts 8] [--requests 16]
-        [--new-tokens 32] [--device cpu|cuda] [--dtype bf16] [--json OUT]
+    .venv/bin/python bench/serve_throughput.py [--model smollm2-135m|DIR|random:tiny]
+        [--library LIB] [--experts 8] [--requests 16] [--new-tokens 32]
+        [--device auto|cpu|cuda] [--dtype bf16] [--threads N] [--json OUT]
 
-The defaults are the issue's acceptance run (SmolLM2, 8 experts, 16 requests, 32
-tokens); check it at small sizes first (``--experts 2 --requests 4 --new-tokens 4``).
+The defaults are the issue's acceptance run (SmolLM2 bf16, 8 experts, 16 requests, 32
+tokens); check it at small sizes first (``--model random:tiny --experts 2 --requests 4
+--new-tokens 4``). ``random:CONFIG`` is saved to a temporary directory for the server.
+With ``--library`` its experts are used (and its base model unless ``--model`` is
+given); speed does not depend on the adapters' values. One client connection pool is
+shared by all request threads (a fresh ``httpx`` client per request costs ~0.1-0.2 s
+of TLS setup, which would be counted as server latency). ``--threads`` sets torch's
+CPU threads in both the server and PEFT's process (on a shared CPU, torch's default of
+one thread per core can make each step many times slower). Ends with a ``RESULT``
+line (the JSON of the numbers).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from _common import home, write_json
+from _common import load_model, resolve_device, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Question: what is the capital of France?\nAnswer:", "Once upon a time",
@@ -70,7 +79,8 @@ def build_library(base_dir: str, model, root: Path, n: int, rank: int) -> Path:
 
 
 def start_server(lib: Path, args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lorashelf", "--device", args.device, "serve", str(lib),
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    cmd = [sys.executable, "-m", "lorashelf", "--device", args.device, *threads, "serve", str(lib),
            "--port", str(port), "--dtype", args.dtype, "--max-batch", str(args.requests),
            "--watch-s", "0"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
@@ -88,13 +98,15 @@ def start_server(lib: Path, args, port: int) -> subprocess.Popen:
     raise SystemExit("the server did not start in 300 s")
 
 
-def http_round(port: int, models: list[str], prompts: list[str], n_tokens: int) -> dict:
-    """All requests at once, one thread each; wall time, latencies and the answers' token ids."""
+def http_round(
+    client: httpx.Client, port: int, models: list[str], prompts: list[str], n_tokens: int
+) -> dict:
+    """All requests at once, one thread each; wall time, latencies and the answers."""
     results: list[dict] = [{} for _ in models]
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
+        r = client.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
             "model": models[i], "prompt": prompts[i], "max_tokens": n_tokens, "temperature": 0,
             "logprobs": 0})  # fmt: skip
         r.raise_for_status()
@@ -142,46 +154,76 @@ def peft_runs(base, tok, lib: Path, names: list[str], prompts: list[str], n_toke
     return {"mixed": mixed, "loop": loop, "texts": texts}
 
 
+def base_dir(base, root: Path) -> str:
+    """A directory the server can load ``base`` from (``random:`` models are saved)."""
+    if not str(base.path).startswith("("):
+        return str(base.path)
+    out = root / "base"
+    base.model.save_pretrained(out)
+    base.tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", help="known model or local model dir")
-    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--model", default=None,
+                    help="smollm2-135m, a local dir or random:CONFIG (default: the library's "
+                    "base, else smollm2-135m)")  # fmt: skip
+    ap.add_argument("--library", type=Path, default=None, help="serve its experts")
+    ap.add_argument("--experts", type=int, default=8, help="random experts (without --library)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from lorashelf.models import load_base
+    from lorashelf.library import Library
     from lorashelf.runtime import resolve_dtype
 
-    device = torch.device(args.device)
-    base = load_base(
-        args.model, home=home(), dtype=resolve_dtype(args.dtype, device), device=device
-    )
-    names = [f"e{i % args.experts}" for i in range(args.requests)]
+    device = resolve_device(args.device)
+    args.device = str(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    library = Library.open(args.library) if args.library else None
+    model = args.model or (library.base_model if library else "smollm2-135m")
+    base = load_model(model, device, resolve_dtype(args.dtype, device))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
-        lib = build_library(base.path, base.model, Path(tmp), args.experts, args.rank)
+        if library is None:
+            lib = build_library(base_dir(base, Path(tmp)), base.model, Path(tmp), args.experts,
+                                args.rank)  # fmt: skip
+        else:
+            lib = library.path
+            if args.model:
+                raise SystemExit("--model with --library: the server runs the library's base")
+        experts = Library.open(lib).names()
+        args.experts = len(experts)
+        names = [experts[i % len(experts)] for i in range(args.requests)]
+        lib_id = Path(lib).resolve().name
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = start_server(lib, args, port)
+        client = httpx.Client(limits=httpx.Limits(max_connections=2 * args.requests))
         try:
-            http_round(port, ["lib"] * 2, prompts[:2], 2)  # warm-up
-            served = http_round(port, [f"lib/{n}" for n in names], prompts, args.new_tokens)
-            arrow = http_round(port, ["lib:arrow"] * args.requests, prompts, args.new_tokens)
-            plain = http_round(port, ["lib"] * args.requests, prompts, args.new_tokens)
+            http_round(client, port, [lib_id] * 2, prompts[:2], 2)  # warm-up
+            served = http_round(client, port, [f"{lib_id}/{n}" for n in names], prompts,
+                                args.new_tokens)  # fmt: skip
+            arrow = http_round(client, port, [f"{lib_id}:arrow"] * args.requests, prompts,
+                               args.new_tokens)  # fmt: skip
+            plain = http_round(client, port, [lib_id] * args.requests, prompts, args.new_tokens)
         finally:
+            client.close()
             proc.terminate()
             proc.wait(timeout=30)
         peft = peft_runs(base.model, base.tokenizer, lib, names, prompts, args.new_tokens)
     n_tok = args.requests * args.new_tokens
     same = sum(a == b for a, b in zip(served["texts"], peft["texts"]))
     result = {
-        "config": vars(args),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "serve_tok_s": served["tokens"] / served["wall"],
         "peft_mixed_tok_s": n_tok / peft["mixed"],
         "peft_loop_tok_s": n_tok / peft["loop"],
@@ -203,6 +245,7 @@ def main() -> None:
         "(target <= 1.3)"
     )
     print(f"  server answers equal to PEFT's: {result['answers_equal_to_peft']}")
+    print("RESULT " + json.dumps(result, default=str))
     write_json(args.json, result)
 
 

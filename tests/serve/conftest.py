@@ -1,10 +1,17 @@
 """Fixtures for serving: a tiny float32 model with a library of random experts, the
-bank and engine over it, and a helper that runs requests as one batch and collects
-their events."""
+bank and engine over it, a helper that runs requests as one batch and collects
+their events, and ``start_server``: ``python -m lorashelf serve`` as a subprocess on
+127.0.0.1 and a free port."""
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -58,5 +65,47 @@ def text(events):
 def serve_kit():
     return SimpleNamespace(
         complete=complete, tokens=tokens, text=text, Composition=Composition,
-        SamplingParams=SamplingParams,
+        SamplingParams=SamplingParams, start_server=start_server, stop_server=stop_server,
     )  # fmt: skip
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(library: Path, log: Path, *options: str, timeout: float = 120.0):
+    """``lorashelf serve LIBRARY`` (cpu, fp32, one thread) on 127.0.0.1; (process, base
+    url) once /health answers. The caller terminates the process."""
+    import httpx
+
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lorashelf", "--device", "cpu", "--threads", "1", "serve",
+           str(library), "--port", str(port), "--dtype", "fp32", *options]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                pytest.fail("the server exited: " + log.read_text())
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"the server did not start in {timeout:.0f} s: " + log.read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)

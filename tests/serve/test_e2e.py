@@ -3,50 +3,20 @@ the official ``openai`` client, streaming and not; the library changes while it 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def server(served, tmp_path):
-    port = _free_port()
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lorashelf", "--device", "cpu", "--threads", "1", "serve",
-           str(served.library.path), "--port", str(port), "--dtype", "fp32", "--watch-s", "0.3",
-           "--api-key", "k"]  # fmt: skip
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the server did not start in 120 s: " + (tmp_path / "server.log").read_text())
+def server(served, serve_kit, tmp_path):
+    proc, url = serve_kit.start_server(
+        served.library.path, tmp_path / "server.log", "--watch-s", "0.3", "--api-key", "k"
+    )
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60), url
-    proc.terminate()
-    proc.wait(timeout=30)
+    serve_kit.stop_server(proc)
 
 
 def _wait_for(pred, seconds=30.0):
