@@ -62,9 +62,10 @@ args_for() {  # $1 benchmark, $2 model -> "cap args..."
         if [ $tiny = 1 ]; then echo "60 --experts 2 --layers 2"
         elif [ $big = 1 ]; then echo "25 --experts 8"
         else echo "25 --experts 20"; fi ;;
-    serve_throughput)  # slot for bench/serve_throughput.py (the serving issue): it runs
-        # here as soon as the file exists; set its arguments when it lands
-        if [ $tiny = 1 ]; then echo "60"; else echo "40"; fi ;;
+    serve_throughput)  # the server over HTTP vs PEFT's mixed-adapter batch and its loop
+        if [ $tiny = 1 ]; then echo "90 --experts 2 --requests 4 --new-tokens 4 --threads 1"
+        elif [ $big = 1 ]; then echo "50 --experts 8 --requests 16 --new-tokens 32"
+        else echo "50 --experts 8 --requests 16 --new-tokens 32"; fi ;;
     esac
 }
 
