@@ -245,7 +245,14 @@ def main() -> None:
         "(target <= 1.3)"
     )
     print(f"  server answers equal to PEFT's: {result['answers_equal_to_peft']}")
-    print("RESULT " + json.dumps(result, default=str))
+    print(
+        f"RESULT serve_throughput: {result['serve_tok_s'] / result['peft_mixed_tok_s']:.2f}x "
+        f"tokens/s vs PEFT's mixed-adapter batch (target >= 1), "
+        f"{result['serve_tok_s'] / result['peft_loop_tok_s']:.2f}x vs its set_adapter loop "
+        f"(target >= 3), Arrow {result['base_tok_s'] / result['arrow_tok_s']:.2f}x base time "
+        f"per token (target <= 1.3), p50 {served['p50']:.2f} s p99 {served['p99']:.2f} s; "
+        f"answers equal to PEFT's {result['answers_equal_to_peft']}"
+    )
     write_json(args.json, result)
 
 

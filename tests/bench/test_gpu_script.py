@@ -18,6 +18,7 @@ BENCHES = (
     "eval_throughput",
     "train_throughput",
     "merge_speed",
+    "serve_throughput",
 )
 
 
