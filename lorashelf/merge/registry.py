@@ -16,5 +16,7 @@ MERGES: Registry = Registry(
         "uniform-delta": "lorashelf.merge.uniform:UNIFORM_DELTA",
         "ties": "lorashelf.merge.ties:TIES",
         "task-arithmetic": "lorashelf.merge.task_arithmetic:TASK_ARITHMETIC",
+        "dare-linear": "lorashelf.merge.dare:DARE_LINEAR",
+        "dare-ties": "lorashelf.merge.dare:DARE_TIES",
     },
 )
