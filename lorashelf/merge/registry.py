@@ -18,5 +18,6 @@ MERGES: Registry = Registry(
         "task-arithmetic": "lorashelf.merge.task_arithmetic:TASK_ARITHMETIC",
         "dare-linear": "lorashelf.merge.dare:DARE_LINEAR",
         "dare-ties": "lorashelf.merge.dare:DARE_TIES",
+        "wudi": "lorashelf.merge.wudi:WUDI",
     },
 )
