@@ -19,5 +19,6 @@ MERGES: Registry = Registry(
         "dare-linear": "lorashelf.merge.dare:DARE_LINEAR",
         "dare-ties": "lorashelf.merge.dare:DARE_TIES",
         "wudi": "lorashelf.merge.wudi:WUDI",
+        "core-space": "lorashelf.merge.core_space:CORE_SPACE",
     },
 )
