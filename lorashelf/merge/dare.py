@@ -21,7 +21,7 @@ sign of ``+`` where the summed values are exactly 0, this module elects none (su
 entry is 0), which only matters for values that cancel exactly.
 
 Randomness: one CPU ``torch.Generator`` per (module, expert), seeded from the config's
-``seed``, the module path and the expert's index, draws that expert's mask row by row.
+``dare_seed``, the module path and the expert's index, draws that expert's mask row by row.
 So the masks are the same on every run and device, whichever other modules are
 merged, and however the deltas are streamed (a block of rows at a time, as in TIES;
 no ``[E, N]`` array of the whole model is ever built).
@@ -50,27 +50,27 @@ def _check(method: str, density: float, seed: int) -> None:
             f"{method} density (the fraction of entries kept) must be in (0, 1], got {density}"
         )
     if not 0 <= seed < 2**31:
-        raise LorashelfError(f"{method} seed must be in [0, 2**31), got {seed}")
+        raise LorashelfError(f"{method} dare_seed must be in [0, 2**31), got {seed}")
 
 
 @dataclass(frozen=True)
 class DareLinearConfig:
     density: float = 0.5  # fraction of each delta's entries kept (1 - the drop rate p)
     scale: float = 1.0  # lambda: the weight of every rescaled task vector
-    seed: int = 0  # seeds the drop masks
+    dare_seed: int = 0  # seeds the drop masks (not --seed: eval/fewshot's split seed)
 
     def __post_init__(self) -> None:
-        _check("dare-linear", self.density, self.seed)
+        _check("dare-linear", self.density, self.dare_seed)
 
 
 @dataclass(frozen=True)
 class DareTiesConfig:
     density: float = 0.5  # fraction of each delta's entries kept (1 - the drop rate p)
     lam: float = 1.0  # scale of the merged task vector
-    seed: int = 0  # seeds the drop masks
+    dare_seed: int = 0  # seeds the drop masks (not --seed: eval/fewshot's split seed)
 
     def __post_init__(self) -> None:
-        _check("dare-ties", self.density, self.seed)
+        _check("dare-ties", self.density, self.dare_seed)
 
 
 def mask_seed(seed: int, module: str, expert: int) -> int:
@@ -99,7 +99,7 @@ def _merge(experts, config, progress, method, combine_block) -> Merged:
     for name in tqdm(names, desc=method, disable=not progress):
         fs = [ex[name] for ex in experts]
         d_out, d_in = fs[0].B.shape[0], fs[0].A.shape[1]
-        blocks = dropped_blocks(name, fs, config.density, config.seed, device)
+        blocks = dropped_blocks(name, fs, config.density, config.dare_seed, device)
         out[name] = torch.cat([combine_block(b) for b in blocks]).view(d_out, d_in)
     return Merged(method, config, len(experts), out)
 

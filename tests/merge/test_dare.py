@@ -76,7 +76,7 @@ def reference_ties(dropped, lam):
 @pytest.mark.parametrize("density,seed", [(0.3, 0), (0.5, 7), (1.0, 1)])
 def test_dare_linear_matches_dense_reference(density, seed):
     experts = random_experts()
-    merged = merge(experts, "dare-linear", DareLinearConfig(density, scale=0.7, seed=seed))
+    merged = merge(experts, "dare-linear", DareLinearConfig(density, scale=0.7, dare_seed=seed))
     for n in SHAPES:
         expected = 0.7 * reference(experts, n, density, seed).sum(0)
         torch.testing.assert_close(merged.delta(n).double(), expected, atol=1e-5, rtol=1e-5)
@@ -85,7 +85,7 @@ def test_dare_linear_matches_dense_reference(density, seed):
 @pytest.mark.parametrize("density,seed", [(0.3, 0), (0.6, 3)])
 def test_dare_ties_matches_dense_reference(density, seed):
     experts = random_experts()
-    merged = merge(experts, "dare-ties", DareTiesConfig(density, lam=0.5, seed=seed))
+    merged = merge(experts, "dare-ties", DareTiesConfig(density, lam=0.5, dare_seed=seed))
     for n in SHAPES:
         expected = reference_ties(reference(experts, n, density, seed), 0.5)
         torch.testing.assert_close(merged.delta(n).double(), expected, atol=1e-5, rtol=1e-5)
@@ -93,9 +93,9 @@ def test_dare_ties_matches_dense_reference(density, seed):
 
 def test_masks_drop_the_right_fraction_and_depend_on_the_seed():
     experts = random_experts()
-    a = merge(experts, "dare-linear", DareLinearConfig(0.3, seed=0))
-    again = merge(experts, "dare-linear", DareLinearConfig(0.3, seed=0))
-    b = merge(experts, "dare-linear", DareLinearConfig(0.3, seed=1))
+    a = merge(experts, "dare-linear", DareLinearConfig(0.3, dare_seed=0))
+    again = merge(experts, "dare-linear", DareLinearConfig(0.3, dare_seed=0))
+    b = merge(experts, "dare-linear", DareLinearConfig(0.3, dare_seed=1))
     assert all(torch.equal(a.delta(n), again.delta(n)) for n in SHAPES)
     assert not torch.equal(a.delta("a"), b.delta("a"))
     big = [{"m": F(torch.ones(1, 400), torch.ones(500, 1))}]
@@ -118,7 +118,7 @@ def test_density_one_is_task_arithmetic_and_ties_without_trim():
 
 def test_masks_do_not_depend_on_streaming_or_on_other_modules(monkeypatch):
     experts = random_experts(seed=1)
-    cfg = DareTiesConfig(0.4, seed=5)
+    cfg = DareTiesConfig(0.4, dare_seed=5)
     whole = merge(experts, "dare-ties", cfg)
     only_b = merge([{"b": ex["b"]} for ex in experts], "dare-ties", cfg)
     monkeypatch.setattr(ties_module, "BLOCK_ELEMS", 9)  # one or two rows per block
@@ -130,8 +130,8 @@ def test_masks_do_not_depend_on_streaming_or_on_other_modules(monkeypatch):
 def test_bad_options():
     with pytest.raises(LorashelfError, match="density .* must be in"):
         DareLinearConfig(density=0.0)
-    with pytest.raises(LorashelfError, match="seed must be in"):
-        DareTiesConfig(seed=-1)
+    with pytest.raises(LorashelfError, match="dare_seed must be in"):
+        DareTiesConfig(dare_seed=-1)
 
 
 # ---- PEFT ----------------------------------------------------------------------------
@@ -189,8 +189,8 @@ def peft_merge(model, experts, combination, density, weight, seed, monkeypatch):
 def test_peft_delta_space_variants_match(peft_setup, monkeypatch):
     model, experts = peft_setup
     for ours, theirs, cfg in [
-        ("dare-linear", "dare_linear_svd", DareLinearConfig(0.3, scale=0.6, seed=4)),
-        ("dare-ties", "dare_ties_svd", DareTiesConfig(0.3, lam=0.6, seed=4)),
+        ("dare-linear", "dare_linear_svd", DareLinearConfig(0.3, scale=0.6, dare_seed=4)),
+        ("dare-ties", "dare_ties_svd", DareTiesConfig(0.3, lam=0.6, dare_seed=4)),
     ]:
         with torch.no_grad():
             peft_deltas = peft_merge(model, experts, theirs, 0.3, 0.6, 4, monkeypatch)
