@@ -7,12 +7,16 @@ top-20% threshold exactly in two streaming passes. The baseline is the straightf
 dense implementation: every expert's full task vector stacked in one [E, N] array,
 ``kthvalue`` per row, then trim / elect / disjoint mean on the whole array. Each runs in
 a fresh process reporting wall time and peak RSS; both merges must agree. Also timed:
-uniform and uniform-delta on the same experts. ``--model random:CONFIG`` takes the
+uniform and uniform-delta on the same experts. Then one row per newer merge, each against
+a dense reference written here (every delta built, the whole model's [E, N] stack for
+DARE-TIES, plain SVDs for Core Space, autograd on the dense objective for WUDI, whose
+steps ``--wudi-steps`` sets): dare-ties, core-space (TIES on the cores) and wudi; each
+pair must agree. ``--model random:CONFIG`` takes the
 shapes of another configuration (bench/_common.py); ``--device cuda`` keeps the experts
 and both merges on the GPU, and memory is then the peak of allocated device memory.
 
     .venv/bin/python bench/merge_speed.py [--experts 20] [--json OUT] [--quick]
-        [--device D] [--model M]
+        [--device D] [--model M] [--wudi-steps 300]
 """
 
 from __future__ import annotations
@@ -84,19 +88,123 @@ def dense_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _deltas(experts: list[dict[str, _F]], m: str) -> torch.Tensor:
+    return torch.stack([f[m].scale * f[m].B @ f[m].A for f in experts])
+
+
+def _elect_mean(kept: torch.Tensor) -> torch.Tensor:
+    sign = kept.sum(0).sign()
+    agree = (kept.sign() == sign) & (kept != 0)
+    return (kept * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def dense_dare_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """Every expert's whole dropped task vector in one [E, N] array, then elect / mean."""
+    from lorashelf.merge.dare import mask_seed
+
+    names = sorted(experts[0])
+    parts = []
+    for m in names:
+        d = _deltas(experts, m)
+        masks = [
+            torch.bernoulli(
+                torch.full((d[e].numel(),), DENSITY),
+                generator=torch.Generator().manual_seed(mask_seed(0, m, e)),
+            ).view_as(d[e])
+            for e in range(len(experts))
+        ]
+        parts.append((d * torch.stack(masks).to(d.device) / DENSITY).flatten(1))
+    merged = _elect_mean(torch.cat(parts, 1))
+    return _split(merged, experts, names)
+
+
+def _split(flat: torch.Tensor, experts, names) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for m in names:
+        size = experts[0][m].B.shape[0] * SHAPE["hidden"]
+        out[m] = flat[at : at + size].view(-1, SHAPE["hidden"])
+        at += size
+    return out
+
+
+def dense_core_space(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """Plain SVDs of the stacked factors, cores from the dense deltas, global TIES."""
+    names, bases, cores = sorted(experts[0]), {}, []
+    for m in names:
+        A = torch.cat([f[m].A for f in experts])
+        B = torch.cat([f[m].scale * f[m].B for f in experts], 1)
+        U, V = (
+            torch.linalg.svd(B, full_matrices=False).U,
+            torch.linalg.svd(A, full_matrices=False).Vh.T,
+        )
+        bases[m] = (U, V)
+        cores.append((U.T @ _deltas(experts, m) @ V).flatten(1))
+    vectors = torch.cat(cores, 1)
+    n = vectors.shape[1]
+    k = min(n, max(1, round(DENSITY * n)))
+    thr = vectors.abs().kthvalue(n - k + 1, dim=1).values
+    merged = _elect_mean(torch.where(vectors.abs() >= thr[:, None], vectors, 0.0))
+    out, at = {}, 0
+    for m in names:
+        U, V = bases[m]
+        size = U.shape[1] * V.shape[1]
+        out[m] = U @ merged[at : at + size].view(U.shape[1], V.shape[1]) @ V.T
+        at += size
+    return out
+
+
+def dense_wudi(experts: list[dict[str, _F]], steps: int) -> dict[str, torch.Tensor]:
+    """The paper's objective on dense task vectors, autograd and Adam (lr 1e-5)."""
+    out = {}
+    for m in sorted(experts[0]):
+        taus = _deltas(experts, m)
+        norms = taus.flatten(1).square().sum(1)
+        tau_m = torch.nn.Parameter(taus.sum(0))
+        opt = torch.optim.Adam([tau_m], lr=1e-5)
+        for _ in range(steps):
+            loss = (((tau_m - taus) @ taus.transpose(1, 2)).square().sum((1, 2)) / norms).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[m] = tau_m.detach()
+    return out
+
+
+def newer_merge(kind: str, experts, wudi_steps: int) -> dict[str, torch.Tensor]:
+    from lorashelf.merge import merge
+
+    configs = {
+        "dare-ties": {"density": DENSITY},
+        "core-space": {"density": DENSITY},
+        "wudi": {"steps": wudi_steps},
+    }
+    merged = merge(experts, kind, configs[kind])
+    return {m: merged.delta(m) for m in merged.names()}
+
+
+NEWER = ("dare-ties", "core-space", "wudi")
+DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space}
+
+
 def peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
 
 
-def phase(kind: str, n: int, layers: int, out: Path, device: str) -> dict:
+def phase(kind: str, n: int, layers: int, out: Path, device: str, wudi_steps: int) -> dict:
     experts = make_experts(n, layers, device)
     sync(device)
     base_rss = peak_mb(device)
     t0 = time.perf_counter()
     if kind == "dense":
         result = dense_ties(experts)
+    elif kind in NEWER:
+        result = newer_merge(kind, experts, wudi_steps)
+    elif kind == "dense-wudi":
+        result = dense_wudi(experts, wudi_steps)
+    elif kind.startswith("dense-"):
+        result = DENSE_OF[kind.removeprefix("dense-")](experts)
     else:
         from lorashelf.merge import TiesConfig, merge
 
@@ -120,6 +228,7 @@ def phase(kind: str, n: int, layers: int, out: Path, device: str) -> dict:
 def run_phase(kind: str, n: int, layers: int, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--phase", kind, "--experts", str(n), "--layers", str(layers)]
     cmd += ["--out", str(out), "--device", args.device, "--model", args.model]
+    cmd += ["--wudi-steps", str(args.wudi_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -129,7 +238,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=20)
     ap.add_argument("--layers", type=int, default=None, help="default: the model's")
     ap.add_argument("--quick", action="store_true", help="8 experts, 8 layers")
-    ap.add_argument("--phase", choices=["ours", "dense"], default=None)
+    phases = ["ours", "dense", *NEWER, *(f"dense-{k}" for k in NEWER)]
+    ap.add_argument("--phase", choices=phases, default=None)
+    ap.add_argument("--wudi-steps", type=int, default=300, help="Adam steps of both WUDIs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     add_model_args(ap, model="random:smollm2-135m")
@@ -142,13 +253,24 @@ def main() -> None:
         args.experts, args.layers = 8, 8
     args.device = str(resolve_device(args.device))
     if args.phase:
-        print(json.dumps(phase(args.phase, args.experts, args.layers, Path(args.out), args.device)))
+        result = phase(args.phase, args.experts, args.layers, Path(args.out), args.device,
+                       args.wudi_steps)  # fmt: skip
+        print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_phase("ours", args.experts, args.layers, Path(tmp) / "ours.safetensors", args)
         dense = run_phase("dense", args.experts, args.layers, Path(tmp) / "dense.safetensors", args)
         a, b = load_file(f"{tmp}/ours.safetensors"), load_file(f"{tmp}/dense.safetensors")
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        newer = {}
+        for kind in NEWER:
+            paths = [Path(tmp) / f"{k}.safetensors" for k in (kind, f"dense-{kind}")]
+            rows = [run_phase(k, args.experts, args.layers, p, args) for k, p in
+                    zip((kind, f"dense-{kind}"), paths)]  # fmt: skip
+            x, y = (load_file(str(p)) for p in paths)
+            scale = max(float(v.abs().max()) for v in y.values())
+            diff = max(float((x[k] - y[k]).abs().max()) for k in x)
+            newer[kind] = {"ours": rows[0], "dense": rows[1], "max_diff": diff, "max_abs": scale}
     n_params = sum(v.numel() for v in a.values())
     print(
         f"{args.experts} experts x {len(a)} modules ({n_params / 1e6:.1f}M delta entries each), "
@@ -167,6 +289,13 @@ def main() -> None:
     for method, secs in ours["other"].items():
         print(f"{method}: {secs:.3f} s")
     print(f"max |difference| between the two merges: {worst:.2e}")
+    print(f"\n{'newer merges (vs dense reference)':34s} {'ours s':>8s} {'dense s':>8s} "
+          f"{'ours MB':>8s} {'dense MB':>8s} {'max diff':>9s} {'max |x|':>8s}")  # fmt: skip
+    for kind, row in newer.items():
+        o, d = row["ours"], row["dense"]
+        extra = [x["peak_mb"] - x["inputs_mb"] for x in (o, d)]
+        print(f"{kind:34s} {o['secs']:8.2f} {d['secs']:8.2f} {extra[0]:8.0f} {extra[1]:8.0f} "
+              f"{row['max_diff']:9.1e} {row['max_abs']:8.1e}")  # fmt: skip
     print(f"RESULT merge_speed: TIES over {args.experts} experts, {dense['secs'] / ours['secs']:.2f}x "
           f"faster and {extra_dense / max(extra_ours, 1):.1f}x less working memory than the dense "
           f"[E, N] array ({extra_ours:.0f} vs {extra_dense:.0f} MB); max diff {worst:.1e}")  # fmt: skip
@@ -179,6 +308,7 @@ def main() -> None:
             "ours": ours,
             "dense": dense,
             "max_diff": worst,
+            "newer": newer,
         },
     )
 

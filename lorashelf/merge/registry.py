@@ -16,5 +16,9 @@ MERGES: Registry = Registry(
         "uniform-delta": "lorashelf.merge.uniform:UNIFORM_DELTA",
         "ties": "lorashelf.merge.ties:TIES",
         "task-arithmetic": "lorashelf.merge.task_arithmetic:TASK_ARITHMETIC",
+        "dare-linear": "lorashelf.merge.dare:DARE_LINEAR",
+        "dare-ties": "lorashelf.merge.dare:DARE_TIES",
+        "wudi": "lorashelf.merge.wudi:WUDI",
+        "core-space": "lorashelf.merge.core_space:CORE_SPACE",
     },
 )

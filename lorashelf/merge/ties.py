@@ -68,7 +68,7 @@ class TiesConfig:
             raise LorashelfError(f"ties scope must be 'global' or 'module', got {self.scope!r}")
 
 
-def _delta_blocks(fs: Sequence[LoraFactors], device: torch.device) -> Iterator[Tensor]:
+def delta_blocks(fs: Sequence[LoraFactors], device: torch.device) -> Iterator[Tensor]:
     """Stacked task vectors ``[E, n]`` of one module's deltas, a block of rows at a time.
 
     Experts of lower rank are zero-padded to the highest rank (exact: the padding adds
@@ -130,7 +130,16 @@ def kth_largest_abs(blocks: Callable[[], Iterable[Tensor]], k: int) -> Tensor:
 
 def ties_combine(block: Tensor, threshold: Tensor, lam: float) -> Tensor:
     """Trim ``[E, n]`` at per-expert ``threshold``, elect signs, disjoint mean, * lam."""
-    kept = block * (block.abs() >= threshold[:, None])
+    return elect_and_mean(block * (block.abs() >= threshold[:, None]), lam)
+
+
+def elect_and_mean(kept: Tensor, lam: float) -> Tensor:
+    """TIES's last two steps on sparsified ``[E, n]``: elect each entry's sign from the
+    summed values (the "mass" rule), then average the experts that agree with it, * lam.
+
+    Entries no expert kept, or whose values sum to exactly 0, merge to 0. DARE-TIES
+    calls this on randomly dropped (instead of trimmed) task vectors.
+    """
     sign = kept.sum(0).sign()
     agree = kept * sign > 0  # non-zero and of the elected sign
     return lam * (kept * agree).sum(0) / agree.sum(0).clamp_min(1)
@@ -147,7 +156,7 @@ def ties(experts: Sequence[Expert], config: TiesConfig, progress: bool = False) 
     if config.space == "params":
         require_same_rank(experts, names, "ties with space='params'")
     device = device_of(experts, names)
-    make = _delta_blocks if config.space == "delta" else _param_blocks
+    make = delta_blocks if config.space == "delta" else _param_blocks
 
     def blocks_of(names_: Sequence[str]) -> Callable[[], Iterator[Tensor]]:
         """Re-iterable task-vector blocks; computed once when they fit one block."""

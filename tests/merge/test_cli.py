@@ -34,3 +34,25 @@ def test_merge_run_writes_adapter_and_adds_expert(tiny_library, tmp_path, capsys
     assert (
         main(["merge", "run", str(lib.path), "--method", "tie", "--out", str(tmp_path / "x")]) == 2
     )
+
+
+def test_merge_run_new_methods_take_their_own_flags(tiny_library, tmp_path):
+    from lorashelf.config import from_dict
+    from lorashelf.merge import MERGES
+
+    lib = tiny_library({"a": ["t:a"], "b": ["t:b"]})
+    cases = {
+        "dare-ties": (["--density", "0.3", "--dare-seed", "1"], {"density": 0.3, "dare_seed": 1}),
+        "dare-linear": (["--density", "0.6", "--scale", "0.5"], {"density": 0.6, "scale": 0.5}),
+        "wudi": (["--steps", "5", "--lr", "1e-4"], {"steps": 5, "lr": 1e-4}),
+        "core-space": (["--core-merge", "task-arithmetic", "--lam", "0.5"],
+                       {"core_merge": "task-arithmetic", "lam": 0.5}),
+    }  # fmt: skip
+    for method, (flags, expected) in cases.items():
+        out = tmp_path / method
+        argv = ["merge", "run", str(lib.path), "--method", method, *flags, "--rank", "4"]
+        assert main([*argv, "--out", str(out)]) == 0
+        meta = json.loads((out / "merge.json").read_text())
+        cls = MERGES.get(method).config_cls
+        assert from_dict(cls, meta["config"]) == cls(**expected)
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
