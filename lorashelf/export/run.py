@@ -18,7 +18,7 @@ from typing import Any
 
 from lorashelf.config import write_json_atomic
 from lorashelf.errors import LorashelfError
-from lorashelf.export.peft import check_target, for_vllm
+from lorashelf.export.peft import check_target, for_vllm, vllm_problems
 from lorashelf.export.resolve import Resolved, resolve
 from lorashelf.library import Library
 
@@ -89,7 +89,10 @@ def export_adapter(
         if fmt == "peft":
             from lorashelf.lora import write_peft_adapter
 
-            write_peft_adapter(factors, tmp, lib.base_model)
+            config = write_peft_adapter(factors, tmp, lib.base_model)
+            problems = vllm_problems(config) if target == "vllm" else []
+            if problems:  # for_vllm makes this impossible; never hand vLLM a broken dir
+                raise LorashelfError(f"vLLM would reject {out}: {'; '.join(problems)}")
             write_json_atomic(tmp / RECORD_FILE, record)
         else:
             from lorashelf.export.gguf import write_gguf_lora
