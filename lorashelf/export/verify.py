@@ -9,6 +9,12 @@ each token among the likeliest (under either model, in lorashelf), the shift
 correlation and the largest absolute difference). A wrong tensor name, orientation,
 alpha or q/k permutation gives uncorrelated shifts. llama.cpp is reached through the
 ``llama-cpp-python`` package (``pip install llama-cpp-python``, which compiles it).
+
+Quantised activations make that comparison noisy: any change to a layer's input re-rolls
+the 8-bit rounding downstream, so even a tiny adapter moves llama.cpp's log-probs by the
+runtimes' base disagreement (about 0.1 nats). :func:`dequantised_gguf` removes that
+noise for an exact check: it rewrites the base GGUF with every tensor dequantised to
+float32 (the very weights lorashelf runs), on which llama.cpp computes in float32 too.
 """
 
 from __future__ import annotations
@@ -156,6 +162,29 @@ def verify_gguf(
             "llama.cpp": tokenizer.decode(greedy_cpp, skip_special_tokens=True),
         },
     )
+
+
+def dequantised_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
+    """Copy the GGUF model ``src`` to ``out`` with every tensor dequantised to float32."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, quants
+
+    reader = GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(str(out), arch)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), f.types[0], sub)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        data = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, data.reshape([int(n) for n in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(out)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
