@@ -3,10 +3,12 @@
     python bench/export_llama_cpp.py LIB --method expert:NAME [--json out.json]
 
 Exports ``--method`` from library LIB (on the embedded SmolLM2) with
-``lorashelf.export.export_adapter``, loads the Q4_1 base GGUF with and without the LoRA
-in llama.cpp (llama-cpp-python), and prints the agreement of the per-token log-prob
-shifts with lorashelf's float32 forward of the dequantised model, plus both runtimes'
-greedy answer to a held-out prompt. Needs ``pip install llama-cpp-python``.
+``lorashelf.export.export_adapter``, loads the base GGUF with and without the LoRA in
+llama.cpp (llama-cpp-python), and prints the agreement of the per-token log-prob shifts
+with lorashelf's float32 forward of the dequantised model, plus both runtimes' greedy
+answer to a held-out prompt. Two bases: the embedded Q4_1 GGUF as shipped, and the same
+file dequantised to float32 (no activation quantisation: the exact check; see
+lorashelf/export/verify.py). Needs ``pip install llama-cpp-python``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from _common import home
 
 from lorashelf.export import export_adapter
-from lorashelf.export.verify import verify_gguf
+from lorashelf.export.verify import dequantised_gguf, verify_gguf
 from lorashelf.library import Library
 from lorashelf.models import load_base
 from lorashelf.models.known import KNOWN
@@ -44,14 +46,17 @@ def main() -> None:
     torch.set_num_threads(2)
     lib = Library.open(args.library)
     base = load_base("smollm2-135m", home=home(), dtype=torch.float32)
+    q4 = str(_locate_gguf(KNOWN["smollm2-135m"]))
+    result = {"method": args.method}
     with tempfile.TemporaryDirectory() as tmp:
         done = export_adapter(lib, args.method, "gguf", Path(tmp) / "lora.gguf")
-        agreement = verify_gguf(
-            str(_locate_gguf(KNOWN["smollm2-135m"])), str(done.path), base.model,
-            base.tokenizer, done.resolved.factors, PROMPTS, HELD_OUT,
-        )  # fmt: skip
-    result = {"method": args.method, "rank": done.rank, "modules": done.modules,
-              **agreement.to_dict()}  # fmt: skip
+        result |= {"rank": done.rank, "modules": done.modules}
+        for label, gguf in (("q4_1", q4), ("f32", dequantised_gguf(q4, Path(tmp) / "f32.gguf"))):
+            agreement = verify_gguf(
+                gguf, str(done.path), base.model, base.tokenizer, done.resolved.factors,
+                PROMPTS, HELD_OUT,
+            )  # fmt: skip
+            result[label] = agreement.to_dict()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
