@@ -81,8 +81,9 @@ def export_adapter(
     if target == "vllm":
         fixed = for_vllm(factors)
         factors, changes = fixed.factors, fixed.changes
-    record = {"format": "lorashelf.export", "base_model": lib.base_model, "target": target}
-    record |= resolved.record()
+    top = max(f.rank for f in factors.values())
+    record = {"format": "lorashelf.export", "base_model": lib.base_model, "target": target,
+              "rank": top, "changes": changes, **resolved.record()}  # fmt: skip
     tmp = out.parent / f".{out.name}.export-{os.urandom(6).hex()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -102,8 +103,6 @@ def export_adapter(
         _replace(tmp, out)
     finally:
         _remove(tmp)
-    ranks = {f.rank for f in factors.values()}
-    top = max(ranks)
     return Exported(out, fmt, top, len(factors), resolved, changes)
 
 
