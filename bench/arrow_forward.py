@@ -1,7 +1,7 @@
-"""Tokens/s of Arrow routing on SmolLM2-135M over libraries of 8, 32 and 128 experts:
+"""Tokens/s of Arrow routing on SmolLM2-135M over libraries of 8 to 1024 experts:
 lorashelf against the base model, one merged expert and PEFT's Arrow, in one run.
 
-Experts are synthetic rank-4 LoRAs on q_proj and v_proj of all 30 layers (alpha 8),
+Experts are synthetic rank-4 LoRAs on q_proj and v_proj of every layer (alpha 8),
 identical for both implementations (PEFT reads them from PEFT directories written
 here, with ``autocast_adapter_dtype=False`` so it also computes in bf16). Each row
 times the backbone forward (``model.model``: hidden states, no LM head, as
@@ -14,9 +14,16 @@ Setup is the time to prepare the experts (PEFT: loading the adapters; lorashelf:
 exact prototypes and stacking); "tensors" is the memory each adds, "peak" the growth
 of malloc'd memory during one forward (activations). ``--strategies`` times one
 mixture layer with its dense and its gather path for 32 to 1024 experts (the data
-behind the ``auto`` crossover in lorashelf.lora.mixture).
+behind the ``auto`` crossover in lorashelf.lora.mixture); ``--paths dense,gather``
+gives each library size one row per path of the whole model instead of ``auto``'s.
+PEFT runs only up to ``--peft-max`` experts: it loads the adapters one by one (107 s
+for 128 on a 2-core CPU) and computes every expert for every token.
+``--device`` and ``--model random:CONFIG`` (bench/_common.py) run it on a GPU and on
+other shapes; on CUDA every timed call is followed by a synchronize.
 
-    .venv/bin/python bench/arrow_forward.py [--quick] [--threads N] [--strategies] [--json OUT]
+    .venv/bin/python bench/arrow_forward.py [--quick] [--threads N] [--strategies]
+        [--sizes 8 32 128 256 1024] [--paths auto] [--peft-max 128] [--device D]
+        [--model M] [--json OUT]
 """
 
 from __future__ import annotations
@@ -32,10 +39,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import home, write_json
+from _common import add_model_args, load_model, resolve_device, sync, write_json
 from safetensors.torch import save_file
 
-from lorashelf.models import load_base
 from lorashelf.route import ArrowConfig, build_routed_model
 
 TARGETS = ("q_proj", "v_proj")
@@ -133,20 +139,29 @@ def write_peft_dirs(experts: list[tuple[str, dict]], root: Path, base_id: str) -
     return paths
 
 
-def interleaved(fn, ref, reps: int) -> dict:
+def interleaved(fn, ref, reps: int, device: torch.device | None = None) -> dict:
     """Median wall and process-CPU seconds of ``fn`` and of ``ref``, timed alternately
     (so load on a shared machine hits both alike), and the peak memory growth of one
     ``fn`` call. CPU time counts only this process's work: with one thread it is the
     steadier measure when other jobs share the cores."""
+    device = device or torch.device("cpu")
     with torch.no_grad():
         fn(), ref()  # warm-up (PEFT builds its prototypes here)
         with PeakHeap() as mem:
             fn()
+        if device.type == "cuda":  # on a GPU: the growth of allocated device memory
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            fn()
+            mem.growth = torch.cuda.max_memory_allocated(device) - start
         t = {"fn": [], "ref": [], "fn_cpu": [], "ref_cpu": []}
         for _ in range(reps):
             for f, key in ((ref, "ref"), (fn, "fn")):
+                sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 f()
+                sync(device)
                 t[key].append(time.perf_counter() - t0)
                 t[key + "_cpu"].append(time.process_time() - c0)
 
@@ -172,18 +187,23 @@ def run_merged(ref, expert, base_fwd, reps) -> dict:
         for m, f in expert.items():
             lin = merged.get_submodule(m)
             lin.weight += (f.scale * f.B.float() @ f.A.float()).to(lin.weight.dtype)
-    timing = interleaved(lambda: merged.model(**BATCH), base_fwd, reps)
+    timing = interleaved(lambda: merged.model(**BATCH), base_fwd, reps, DEVICE[0])
     return {**timing, "setup": 0.0, "static": 0}
 
 
-def run_ours(model, experts, k, base_fwd, reps) -> dict:
+def run_ours(model, experts, k, base_fwd, reps, strategy: str = "auto") -> dict:
+    device = DEVICE[0]
+    sync(device)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        routed = build_routed_model(model, experts, "arrow", ArrowConfig(top_k=k))
+        routed = build_routed_model(
+            model, experts, "arrow", ArrowConfig(top_k=k), strategy=strategy, device=device
+        )
+    sync(device)
     setup = time.perf_counter() - t0
     static = tensor_bytes(b for layer in routed.handle.layers.values() for b in layer.buffers())
-    timing = interleaved(lambda: model.model(**BATCH), base_fwd, reps)
+    timing = interleaved(lambda: model.model(**BATCH), base_fwd, reps, device)
     routed.detach()
     return {**timing, "setup": setup, "static": static}
 
@@ -207,24 +227,32 @@ def run_peft(peft, setup, k, base_fwd, reps) -> dict:
     for a in arrows:
         a.top_k = k  # one load per library size; top_k is read at each forward
     backbone = peft.get_base_model().model
-    timing = interleaved(lambda: backbone(**BATCH), base_fwd, reps)
+    timing = interleaved(lambda: backbone(**BATCH), base_fwd, reps, DEVICE[0])
     lora = [p for n, p in peft.named_parameters() if "lora_" in n]
     protos = [b for n, b in peft.named_buffers() if n.endswith("prototypes")]
     return {**timing, "setup": setup, "static": tensor_bytes(lora + protos)}
 
 
 BATCH: dict[str, torch.Tensor] = {}
+DEVICE: list[torch.device] = []  # where the model runs (set once in main)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 32, 128])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 32, 128, 256])
     ap.add_argument("--top-k", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="E=8,32 with top-k 4 only")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--peft-max", type=int, default=128, help="largest library PEFT runs on")
+    ap.add_argument(
+        "--paths",
+        default="auto",
+        help="lorashelf's mixture paths, comma-separated: auto,dense,gather",
+    )
+    add_model_args(ap)
     ap.add_argument("--strategies", action="store_true", help="also sweep dense vs gather")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
@@ -234,11 +262,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_base("smollm2-135m", home=home(), dtype=torch.bfloat16)
+    device = resolve_device(args.device)
+    DEVICE.append(device)
+    base = load_model(args.model, device, torch.bfloat16)
     model = base.model.eval()
     ref = copy.deepcopy(model)  # stays plain: the baseline every row is timed against
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    ids = ids.to(device)
     BATCH.update(input_ids=ids, attention_mask=torch.ones_like(ids))
     n_tok = ids.numel()
     experts_all = make_experts(model, max(args.sizes), seed=0)
@@ -249,7 +280,7 @@ def main() -> None:
         rows.append({"method": label, "E": E, "k": k, **res})
         r = rows[-1]
         print(
-            f"  {label:20s} E={E!s:>4} k={k!s:>2} {n_tok / r['secs']:8.0f} tok/s "
+            f"  {label:22s} E={E!s:>4} k={k!s:>2} {n_tok / r['secs']:8.0f} tok/s "
             f"{r['time_vs_base']:6.2f}x base  setup {r['setup']:6.2f} s",
             flush=True,
         )
@@ -258,27 +289,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for E in args.sizes:
             peft, setup = None, 0.0
-            if not args.no_peft:
+            if not args.no_peft and E <= args.peft_max:
                 paths = write_peft_dirs(experts_all[:E], Path(tmp) / f"E{E}", base.base_id)
                 peft, setup = load_peft(ref, paths)
             for k in args.top_k:
-                res = run_ours(model, experts_all[:E], k, base_fwd, args.reps)
-                add("lorashelf arrow", E, k, res)
+                for path in args.paths.split(","):
+                    res = run_ours(model, experts_all[:E], k, base_fwd, args.reps, path)
+                    add("lorashelf arrow" + ("" if path == "auto" else f" {path}"), E, k, res)
                 if peft is not None:
                     add("peft arrow", E, k, run_peft(peft, setup, k, base_fwd, args.reps))
             del peft
-    sweep = strategy_sweep(n_tok) if args.strategies else None
-    report(rows, args, n_tok, sweep)
+    sweep = strategy_sweep(n_tok, device) if args.strategies else None
+    report(rows, args, n_tok, sweep, model.config)
 
 
-def strategy_sweep(n_tok: int) -> list[dict]:
+def strategy_sweep(n_tok: int, device: torch.device) -> list[dict]:
     """One q_proj-shaped mixture layer (576 -> 576, rank 4, bf16): dense vs gather path."""
     from lorashelf.library.factors import LoraFactors
     from lorashelf.route import ArrowRouter, attach
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n_tok, 576, generator=g).to(torch.bfloat16)
-    net = torch.nn.Sequential(torch.nn.Linear(576, 576, bias=False).to(torch.bfloat16))
+    x = torch.randn(n_tok, 576, generator=g).to(device, torch.bfloat16)
+    net = torch.nn.Sequential(torch.nn.Linear(576, 576, bias=False).to(device, torch.bfloat16))
     out = []
     print("\nmixture layer alone (q_proj shape, rank 4, bf16): ms per call")
     print(f"{'E':>5s} {'k':>2s} {'dense':>8s} {'gather':>8s}")
@@ -293,53 +325,50 @@ def strategy_sweep(n_tok: int) -> list[dict]:
             ms = {}
             for strategy in ("dense", "gather"):
                 with attach(net, experts, routers={"0": router}, strategy=strategy):
-                    ms[strategy] = interleaved(lambda: net(x), lambda: None, 5)["secs"] * 1e3
+                    timing = interleaved(lambda: net(x), lambda: None, 5, device)
+                    ms[strategy] = timing["secs"] * 1e3
             out.append({"E": E, "k": k, **ms})
             print(f"{E:5d} {k:2d} {ms['dense']:8.2f} {ms['gather']:8.2f}", flush=True)
     return out
 
 
-def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None:
+def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None, config) -> None:
     base_secs = statistics.median(r["base_secs"] for r in rows)
     for r in rows:
         r["tok_s"] = n_tok / r["secs"]
     peft = {(r["E"], r["k"]): r for r in rows if r["method"] == "peft arrow"}
+    skipped = sorted({E for E in args.sizes if E > args.peft_max and not args.no_peft})
     for r in rows:
         p = peft.get((r["E"], r["k"])) if r["method"].startswith("lorashelf") else None
         r["peft_over_ours"] = p["time_vs_base"] / r["time_vs_base"] if p else None
         r["peft_over_ours_cpu"] = p["cpu_vs_base"] / r["cpu_vs_base"] if p else None
+    where = DEVICE[0].type if DEVICE[0].type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
-        f"\nSmolLM2-135M bf16, backbone forward of {args.batch} x {args.seq} tokens, "
-        f"rank-{RANK} experts on {'+'.join(TARGETS)} x 30 layers, {torch.get_num_threads()} "
-        f"threads, medians of {args.reps} runs, each beside a run of the base model"
+        f"\n{args.model} bf16 on {where}, backbone forward of {args.batch} x {args.seq} tokens, "
+        f"rank-{RANK} experts on {'+'.join(TARGETS)} x {config.num_hidden_layers} layers, "
+        f"medians of {args.reps} runs, each beside a run of the base model"
     )
+    if skipped:
+        print(
+            f"PEFT not run at E = {', '.join(map(str, skipped))} (--peft-max {args.peft_max}): "
+            "it loads adapters one by one and computes every expert for every token"
+        )
     print(
-        f"{'method':20s} {'E':>4s} {'k':>2s} {'tok/s':>7s} {'time/base':>9s} {'PEFT/ours':>9s} "
+        f"{'method':22s} {'E':>4s} {'k':>2s} {'tok/s':>7s} {'time/base':>9s} {'PEFT/ours':>9s} "
         f"{'cpu/base':>8s} {'PEFT/ours':>9s} {'setup s':>7s} {'tensors MB':>10s} {'peak MB':>7s}"
     )
-    print(f"{'base':20s} {'-':>4s} {'-':>2s} {n_tok / base_secs:7.0f} {1.0:8.2f}x")
+    print(f"{'base':22s} {'-':>4s} {'-':>2s} {n_tok / base_secs:7.0f} {1.0:8.2f}x")
     for r in rows:
         vs = f"{r['peft_over_ours']:8.2f}x" if r["peft_over_ours"] else " " * 9
         vs_cpu = f"{r['peft_over_ours_cpu']:8.2f}x" if r["peft_over_ours_cpu"] else " " * 9
         print(
-            f"{r['method']:20s} {r['E']!s:>4s} {r['k']!s:>2s} {r['tok_s']:7.0f} "
+            f"{r['method']:22s} {r['E']!s:>4s} {r['k']!s:>2s} {r['tok_s']:7.0f} "
             f"{r['time_vs_base']:8.2f}x {vs} {r['cpu_vs_base']:7.2f}x {vs_cpu} {r['setup']:7.2f} "
             f"{r['static'] / 2**20:10.1f} {r['peak'] / 2**20:7.0f}"
         )
-    t = next(
-        (r for r in rows if r["method"] == "lorashelf arrow" and (r["E"], r["k"]) == (32, 4)), None
-    )
-    if t:
-        msg = (
-            f"RESULT arrow_forward: E=32 k=4: lorashelf {t['time_vs_base']:.2f}x base time "
-            "(target <= 1.25x)"
-        )
-        if t["peft_over_ours"]:
-            msg += f", {t['peft_over_ours']:.2f}x faster than PEFT's Arrow (target >= 2x)"
-        msg += f"; CPU time {t['cpu_vs_base']:.2f}x base"
-        if t["peft_over_ours_cpu"]:
-            msg += f", {t['peft_over_ours_cpu']:.2f}x less than PEFT's"
-        print(msg)
+    parts = [_target(rows, 32, 1.25, 2), _target(rows, 256, 1.5, 10)]
+    if any(parts):
+        print(f"RESULT arrow_forward: {'; '.join(p for p in parts if p)}")
     write_json(
         args.json,
         {
@@ -348,10 +377,27 @@ def report(rows: list[dict], args, n_tok: int, sweep: list[dict] | None) -> None
             "base_tok_s": n_tok / base_secs,
             "rows": rows,
             "strategy_sweep_ms": sweep,
-            "baseline": "SmolLM2-135M backbone forward (same run, interleaved); "
+            "model": args.model,
+            "device": str(DEVICE[0]),
+            "baseline": f"{args.model} backbone forward (same run, interleaved); "
             "PEFT create_arrow_model",
         },
     )
+
+
+def _target(rows: list[dict], E: int, max_time: float, min_vs_peft: float) -> str:
+    """The headline at ``E`` experts, k=4: the fastest lorashelf path against its targets."""
+    ours = [r for r in rows if r["method"].startswith("lorashelf") and (r["E"], r["k"]) == (E, 4)]
+    if not ours:
+        return ""
+    t = min(ours, key=lambda r: r["time_vs_base"])
+    path = t["method"].removeprefix("lorashelf arrow").strip() or "auto"
+    msg = f"E={E} k=4 ({path}): {t['time_vs_base']:.2f}x base time (target <= {max_time}x)"
+    if t["peft_over_ours"]:
+        msg += f", {t['peft_over_ours']:.2f}x faster than PEFT (target >= {min_vs_peft}x)"
+    else:
+        msg += ", PEFT not run"
+    return msg
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ on q/k/v/o_proj of every layer, scaled like trained ones (A from the trainer's i
 ``U(+-1/sqrt(d_in))``, B ~ N(0, 0.01), alpha 8). Shots: 5 from BIG-bench
 logical_deduction/three_objects (train split; ``--task`` for another).
 
+``--device``/``--model random:CONFIG`` as every speed benchmark (bench/_common.py);
+``--task synthetic`` needs no data cache.
+
     .venv/bin/python bench/lorahub_speed.py [--experts 20] [--budget 40] [--json OUT] [--quick]
+        [--device D] [--model M] [--task T]
 """
 
 from __future__ import annotations
@@ -44,16 +48,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import home, write_json
+from _common import add_model_args, load_bench_task, load_model, resolve_device, sync, write_json
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from lorashelf.compose import ComposeConfig, compose, draw_shots, encode_shots
 from lorashelf.compose.layout import choose_layout
 from lorashelf.compose.optimisers import CmaSearch
 from lorashelf.compose.scoring import feed
-from lorashelf.data import load_task
 from lorashelf.library import Library, LoraFactors
-from lorashelf.models import load_base
 
 TASK = "bigbench:logical_deduction/three_objects"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,6 +64,7 @@ RANK, ALPHA = 4, 8
 
 def random_experts(model: torch.nn.Module, n: int, seed: int = 0) -> list[tuple[str, dict]]:
     g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     linears = [
         (name, m)
         for name, m in model.named_modules()
@@ -74,7 +77,7 @@ def random_experts(model: torch.nn.Module, n: int, seed: int = 0) -> list[tuple[
             bound = 1 / math.sqrt(m.in_features)
             A = torch.empty(RANK, m.in_features).uniform_(-bound, bound, generator=g)
             B = 0.01 * torch.randn(m.out_features, RANK, generator=g)
-            fs[name] = LoraFactors(A, B, ALPHA / RANK)
+            fs[name] = LoraFactors(A.to(device), B.to(device), ALPHA / RANK)
         experts.append((f"random{e:02d}", fs))
     return experts
 
@@ -146,9 +149,12 @@ def floor_seconds(model, tok, shots, layout: str, population: int = 12, repeats:
     ``layout`` feeds, ``population`` candidates per pass, best of ``repeats``."""
     lay = choose_layout(encode_shots(tok, shots, max_length=None), layout)
     best = math.inf
+    device = next(model.parameters()).device
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         feed(model.model, lay, population)
+        sync(device)
         best = min(best, (time.perf_counter() - t0) / population)
     return best
 
@@ -183,15 +189,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each search (fastest counts)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="budget 12 (one CMA-ES generation)")
+    add_model_args(ap)
     args = ap.parse_args()
     # nevergrad hands scipy's COBYLA a radius scipy corrects, with a warning (warm-up only)
     warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarning)
     budget = 12 if args.quick else args.budget
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    base = load_base("smollm2-135m", home=home(), dtype=dtype)
+    device = resolve_device(args.device)
+    base = load_model(args.model, device, dtype)
     model, tok = base.model, base.tokenizer
-    shots = draw_shots(load_task(args.task, home=home()), args.shots, args.seed)
+    shots = draw_shots(load_bench_task(args.task), args.shots, args.seed)
     experts = (
         library_experts(args.library, args.experts)
         if args.library
@@ -231,7 +239,7 @@ def main() -> int:
 
     print(f"{len(experts)} experts (rank {RANK}, {'library' if args.library else 'random'}), "
           f"{args.shots} shots of {args.task}, budget {budget}, seed {args.seed}, {args.dtype} "
-          f"(LoRA branch {args.lora_dtype}), "
+          f"(LoRA branch {args.lora_dtype}), {args.model} on {device}, "
           f"torch threads {torch.get_num_threads()}, load avg {load0:.1f} -> {load1:.1f}")  # fmt: skip
     print(f"{'method':<34}{'cands':>6}{'passes':>7}{'s/cand':>9}{'total s':>9}{'final loss':>12}")
     print(f"{'reference (merge+load, 1 by 1)':<34}{len(ref_trace):>6}{len(ref_trace):>7}"
@@ -262,6 +270,7 @@ def main() -> int:
     write_json(args.json, {
         "experts": len(experts), "shots": args.shots, "budget": budget, "seed": args.seed,
         "dtype": args.dtype, "lora_dtype": args.lora_dtype, "task": args.task,
+        "model": args.model, "device": str(device),
         "layout": layout.name, "tokens_per_candidate": tokens, "repeats": args.repeats,
         "floor_seconds_per_candidate": floors,
         "seconds_per_candidate": {"reference": per_ref, "lorashelf": per_ours},

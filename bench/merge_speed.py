@@ -7,9 +7,12 @@ top-20% threshold exactly in two streaming passes. The baseline is the straightf
 dense implementation: every expert's full task vector stacked in one [E, N] array,
 ``kthvalue`` per row, then trim / elect / disjoint mean on the whole array. Each runs in
 a fresh process reporting wall time and peak RSS; both merges must agree. Also timed:
-uniform and uniform-delta on the same experts.
+uniform and uniform-delta on the same experts. ``--model random:CONFIG`` takes the
+shapes of another configuration (bench/_common.py); ``--device cuda`` keeps the experts
+and both merges on the GPU, and memory is then the peak of allocated device memory.
 
     .venv/bin/python bench/merge_speed.py [--experts 20] [--json OUT] [--quick]
+        [--device D] [--model M]
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_json
+from _common import add_model_args, model_config, resolve_device, sync, write_json
 from safetensors.torch import load_file, save_file
 
-HIDDEN, KV, RANK, DENSITY = 576, 192, 4, 0.2
+RANK, DENSITY = 4, 0.2
+SHAPE: dict[str, int] = {}  # hidden and kv width of --model, set in main
 
 
 class _F:
@@ -35,18 +39,19 @@ class _F:
         self.A, self.B, self.scale = a, b, scale
 
 
-def make_experts(n: int, layers: int, seed: int = 0) -> list[dict[str, _F]]:
+def make_experts(n: int, layers: int, device: str = "cpu", seed: int = 0) -> list[dict[str, _F]]:
     g = torch.Generator().manual_seed(seed)
+    hidden, kv = SHAPE["hidden"], SHAPE["kv"]
     mods = {
         f"model.layers.{i}.self_attn.{m}": d_out
         for i in range(layers)
-        for m, d_out in (("q_proj", HIDDEN), ("v_proj", KV))
+        for m, d_out in (("q_proj", hidden), ("v_proj", kv))
     }
     return [
         {
             m: _F(
-                0.02 * torch.randn(RANK, HIDDEN, generator=g),
-                torch.randn(d, RANK, generator=g),
+                0.02 * torch.randn(RANK, hidden, generator=g).to(device),
+                torch.randn(d, RANK, generator=g).to(device),
                 2.0,
             )
             for m, d in mods.items()
@@ -73,15 +78,22 @@ def dense_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
     merged = (kept * agree).sum(0) / agree.sum(0).clamp_min(1)
     out, at = {}, 0
     for m in names:
-        size = experts[0][m].B.shape[0] * HIDDEN
-        out[m] = merged[at : at + size].view(-1, HIDDEN)
+        size = experts[0][m].B.shape[0] * SHAPE["hidden"]
+        out[m] = merged[at : at + size].view(-1, SHAPE["hidden"])
         at += size
     return out
 
 
-def phase(kind: str, n: int, layers: int, out: Path) -> dict:
-    experts = make_experts(n, layers)
-    base_rss = peak_rss_mb()
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def phase(kind: str, n: int, layers: int, out: Path, device: str) -> dict:
+    experts = make_experts(n, layers, device)
+    sync(device)
+    base_rss = peak_mb(device)
     t0 = time.perf_counter()
     if kind == "dense":
         result = dense_ties(experts)
@@ -90,8 +102,9 @@ def phase(kind: str, n: int, layers: int, out: Path) -> dict:
 
         merged = merge(experts, "ties", TiesConfig(density=DENSITY))
         result = {m: merged.delta(m) for m in merged.names()}
+    sync(device)
     secs = time.perf_counter() - t0
-    save_file({k: v.contiguous() for k, v in result.items()}, str(out))
+    save_file({k: v.contiguous().cpu() for k, v in result.items()}, str(out))
     timings = {}
     if kind == "ours":
         from lorashelf.merge import merge
@@ -99,13 +112,14 @@ def phase(kind: str, n: int, layers: int, out: Path) -> dict:
         for method in ("uniform", "uniform-delta"):
             t1 = time.perf_counter()
             merge(experts, method)
+            sync(device)
             timings[method] = time.perf_counter() - t1
-    return {"secs": secs, "peak_mb": peak_rss_mb(), "inputs_mb": base_rss, "other": timings}
+    return {"secs": secs, "peak_mb": peak_mb(device), "inputs_mb": base_rss, "other": timings}
 
 
-def run_phase(kind: str, n: int, layers: int, out: Path) -> dict:
+def run_phase(kind: str, n: int, layers: int, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--phase", kind, "--experts", str(n), "--layers", str(layers)]
-    cmd += ["--out", str(out)]
+    cmd += ["--out", str(out), "--device", args.device, "--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -113,25 +127,35 @@ def run_phase(kind: str, n: int, layers: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=20)
-    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--layers", type=int, default=None, help="default: the model's")
     ap.add_argument("--quick", action="store_true", help="8 experts, 8 layers")
     ap.add_argument("--phase", choices=["ours", "dense"], default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    add_model_args(ap, model="random:smollm2-135m")
     args = ap.parse_args()
+    config = model_config(args.model)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    SHAPE.update(hidden=config["hidden_size"], kv=config["hidden_size"] // heads * kv_heads)
+    args.layers = args.layers or config["num_hidden_layers"]
     if args.quick:
         args.experts, args.layers = 8, 8
+    args.device = str(resolve_device(args.device))
     if args.phase:
-        print(json.dumps(phase(args.phase, args.experts, args.layers, Path(args.out))))
+        print(json.dumps(phase(args.phase, args.experts, args.layers, Path(args.out), args.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_phase("ours", args.experts, args.layers, Path(tmp) / "ours.safetensors")
-        dense = run_phase("dense", args.experts, args.layers, Path(tmp) / "dense.safetensors")
+        ours = run_phase("ours", args.experts, args.layers, Path(tmp) / "ours.safetensors", args)
+        dense = run_phase("dense", args.experts, args.layers, Path(tmp) / "dense.safetensors", args)
         a, b = load_file(f"{tmp}/ours.safetensors"), load_file(f"{tmp}/dense.safetensors")
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     n_params = sum(v.numel() for v in a.values())
-    print(f"{args.experts} experts x {len(a)} modules ({n_params / 1e6:.1f}M delta entries each)")
-    print(f"{'':34s} {'seconds':>8s} {'peak RSS MB':>12s}")
+    print(
+        f"{args.experts} experts x {len(a)} modules ({n_params / 1e6:.1f}M delta entries each), "
+        f"{args.model} shapes on {args.device}"
+    )
+    memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
+    print(f"{'':34s} {'seconds':>8s} {memory:>12s}")
     print(f"{'dense baseline ([E, N] array)':34s} {dense['secs']:8.2f} {dense['peak_mb']:12.0f}")
     print(f"{'lorashelf ties (streamed)':34s} {ours['secs']:8.2f} {ours['peak_mb']:12.0f}")
     print(f"time ratio (dense / lorashelf): {dense['secs'] / ours['secs']:.2f}x")
@@ -147,7 +171,15 @@ def main() -> None:
           f"faster and {extra_dense / max(extra_ours, 1):.1f}x less working memory than the dense "
           f"[E, N] array ({extra_ours:.0f} vs {extra_dense:.0f} MB); max diff {worst:.1e}")  # fmt: skip
     write_json(
-        args.json, {"experts": args.experts, "ours": ours, "dense": dense, "max_diff": worst}
+        args.json,
+        {
+            "experts": args.experts,
+            "model": args.model,
+            "device": args.device,
+            "ours": ours,
+            "dense": dense,
+            "max_diff": worst,
+        },
     )
 
 

@@ -4,7 +4,10 @@ Each benchmark measures its ratio against a named baseline within one run; this
 runner only collects their output, with the machine and the date, so the numbers in
 BENCHMARKS.md always come from one fresh run of the current code.
 
-    .venv/bin/python bench/run_all.py [--only NAME ...] [--quick]
+    .venv/bin/python bench/run_all.py [--only NAME ...] [--quick] [--gpu FILE]
+
+``--gpu FILE`` appends the section bench/gpu.sh wrote on a GPU machine (its own
+summary table; the table at the top stays this machine's).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ ORDER = [
     "arrow_forward",
     "cluster_scale",
     "lorahub_speed",
+    "merge_speed",
 ]
 
 
@@ -65,6 +69,7 @@ def main() -> int:
     ap.add_argument(
         "--summary-only", action="store_true", help="only (re)write the summary table of --out"
     )
+    ap.add_argument("--gpu", default=None, help="bench/gpu.sh's section to append")
     args = ap.parse_args()
     if args.summary_only:
         Path(args.out).write_text(with_summary(Path(args.out).read_text()))
@@ -72,6 +77,8 @@ def main() -> int:
     found = {
         p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"
     }
+    if args.gpu and not Path(args.gpu).is_file():
+        raise SystemExit(f"--gpu {args.gpu}: no such file; run bench/gpu.sh on a GPU first")
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
     if args.only:
         names = [n for n in names if n in args.only]
@@ -103,7 +110,8 @@ def main() -> int:
             f"\n## {name}\n\n{doc_summary(path)}\n\n"
             f"`python bench/{path.name}` - {status}, {secs:.0f} s\n\n```\n{out}\n```\n"
         )
-    Path(args.out).write_text(with_summary("".join(parts)))
+    gpu = "\n" + Path(args.gpu).read_text() if args.gpu else ""
+    Path(args.out).write_text(with_summary("".join(parts)) + gpu)
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

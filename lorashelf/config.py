@@ -43,14 +43,21 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file + fsync + rename."""
+    """Write JSON to ``path`` through a temporary file + fsync + rename.
+
+    Strict JSON only: a NaN or inf anywhere raises instead of writing the invalid
+    token ``NaN`` that other JSON readers reject.
+    """
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as e:
+        raise LorashelfError(f"refusing to write {path}: {e} (a NaN or inf value)") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

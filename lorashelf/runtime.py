@@ -39,6 +39,18 @@ def resolve_device(name: str = "auto") -> torch.device:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LorashelfError("--device cuda asked for but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LorashelfError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 or --device cpu"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise LorashelfError(
+            "--device mps asked for but Apple MPS is not available; use --device cpu"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise LorashelfError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorashelf.cli.args import OneLineParser, device, positive_int
 from lorashelf.errors import LorashelfError
 
 # Modules under lorashelf.cli that register verbs, in data-flow order.
@@ -32,6 +34,7 @@ VERB_MODULES = (
     "compose",
     "evaluate",
     "export",
+    "serve",
     "demo",
 )
 
@@ -42,8 +45,25 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lorashelf"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+GLOBAL_OPTIONS_WITH_VALUE = ("--home", "--device", "--threads")
+
+
+def active_verb(argv: Sequence[str]) -> str | None:
+    """The verb ``argv`` runs (the first word that is no global option or its value)."""
+    it = iter(argv)
+    for a in it:
+        if a in GLOBAL_OPTIONS_WITH_VALUE:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(active: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser. ``active`` names the verb about to run: verbs whose flags come
+    from the methods' option dataclasses import those only when they are the active
+    one (or when ``active`` is None), so ``library ls`` starts without torch."""
+    parser = OneLineParser(
         prog="lorashelf",
         description="Modular LLMs from a library of LoRA experts.",
     )
@@ -54,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache root for models and data (default: $LORASHELF_HOME or ~/.cache/lorashelf)",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+        "--device",
+        type=device,
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:
         try:
@@ -65,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"lorashelf.cli.{name}":
                 continue  # area not built yet
             raise
-        mod.register(sub)
+        if len(inspect.signature(mod.register).parameters) > 1:
+            mod.register(sub, active)
+        else:
+            mod.register(sub)
     return parser
 
 
@@ -75,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # PEFT calls a transformers API that transformers 5 deprecates; users can do
     # nothing about it, and it would split our one-line errors.
     warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-    parser = build_parser()
+    # transformers warns that its own generate/forward passes past_key_values
+    warnings.filterwarnings("ignore", ".*past_key_values.*")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(active_verb(argv))
     args = parser.parse_args(argv)
     if args.home is None:
         args.home = default_home()

@@ -6,25 +6,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import fraction, nonneg_int, output_path, positive_int
+from lorashelf.cli.convention import add_library_arg, deprecated, library_of
+from lorashelf.cli.options import parse_sets
+
 
 def _similarity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--sparsity", type=float, default=0.5, help="mbc: zero this fraction of smallest weights"
+        "--sparsity", type=fraction, default=0.5, help="mbc: zero this fraction of smallest weights"
     )
-    p.add_argument("--svd-dim", type=int, default=64, help="mbc: truncated SVD dim (0: none)")
+    p.add_argument(
+        "--svd-dim", type=nonneg_int, default=64, help="mbc: truncated SVD dim (0: none)"
+    )
     p.add_argument(
         "--center",
         action="store_true",
         help="mbc: subtract the mean expert first (removes the shared LoRA A init)",
     )
-    p.add_argument("--n-init", type=int, default=10, help="k-means restarts")
-    p.add_argument("--max-iter", type=int, default=300, help="k-means iterations per restart")
+    p.add_argument("--n-init", type=positive_int, default=10, help="k-means restarts")
+    p.add_argument(
+        "--max-iter", type=positive_int, default=300, help="k-means iterations per restart"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="cluster a library's experts (MBC, random, embedding)")
     p.add_argument("dir", type=Path, help="library directory")
-    p.add_argument("--k", type=int, required=True, help="number of clusters")
+    p.add_argument("--k", type=positive_int, required=True, help="number of clusters")
     p.add_argument("--method", default="mbc", help="mbc (default), random or embedding")
     p.add_argument("--seed", type=int, default=0, help="k-means / random seed")
     _similarity_options(p)
@@ -35,16 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random: use the cluster sizes of this clusters.json (default: balanced)",
     )
     p.add_argument("--model", default=None, help="embedding: base model (default: library's)")
-    p.add_argument("--max-prompts", type=int, default=32, help="embedding: prompts per expert")
+    p.add_argument(
+        "--max-prompts", type=positive_int, default=32, help="embedding: prompts per expert"
+    )
     p.add_argument("--dtype", default="auto", help="embedding: auto, bf16, fp16, fp32")
     p.add_argument(
         "--allow-mixed-init",
         action="store_true",
         help="cluster experts trained from different LoRA init seeds anyway",
     )
-    p.add_argument("--block-size", type=int, default=None, help="experts per similarity block")
-    p.add_argument("--block-mb", type=int, default=512, help="memory for similarity blocks")
-    p.add_argument("--out", type=Path, required=True, help="clusters.json to write")
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="experts per similarity block"
+    )
+    p.add_argument(
+        "--block-mb", type=positive_int, default=512, help="memory for similarity blocks"
+    )
+    p.add_argument("--out", type=output_path, required=True, help="clusters.json to write")
     p.add_argument("--plot", type=Path, default=None, help="similarity heatmap PNG to write")
     p.set_defaults(func=cmd_cluster)
 
@@ -60,21 +74,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='JSON {"family": [task ids]} or a suite file with a "families" key; '
         "experts of unlisted tasks are families of their own",
     )
-    c.add_argument("--k", type=int, default=None, help="clusters (default: number of families)")
+    c.add_argument(
+        "--k", type=positive_int, default=None, help="clusters (default: number of families)"
+    )
     c.add_argument("--methods", default="mbc,embedding,random", help="comma-separated")
-    c.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    c.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1")
     _similarity_options(c)
     c.add_argument("--model", default=None, help="embedding: base model (default: library's)")
-    c.add_argument("--max-prompts", type=int, default=32, help="embedding: prompts per expert")
+    c.add_argument(
+        "--max-prompts", type=positive_int, default=32, help="embedding: prompts per expert"
+    )
     c.add_argument("--dtype", default="auto", help="embedding: auto, bf16, fp16, fp32")
     c.add_argument("--allow-mixed-init", action="store_true", help="as for cluster")
     c.add_argument("--json", type=Path, default=None, help="write every run's result here")
     c.set_defaults(func=cmd_cluster_check)
 
     b = sub.add_parser("build", help="train one expert per cluster of a clusters.json (MBC)")
-    b.add_argument("--from", dest="source", type=Path, required=True, help="clustered library")
+    add_library_arg(b, old="--from")  # the clustered library (--from DIR: deprecated)
     b.add_argument("--clusters", type=Path, required=True, help="clusters.json to build")
-    b.add_argument("--library", type=Path, required=True, help="output library directory")
+    b.add_argument("--out", type=Path, default=None, help="output library directory")
+    b.add_argument("--library", type=Path, default=None, help=argparse.SUPPRESS)  # deprecated
     b.add_argument("--model", default=None, help="base model (default: the source library's)")
     b.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     b.add_argument("--prefix", default="cluster", help="built experts are PREFIX_ID")
@@ -216,24 +235,6 @@ def print_agreement(truth, rows: list[dict], summary: list[dict], k: int) -> Non
     Console().print(table)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=3", "lr=3e-4", "tag=x"]`` -> {"epochs": 3, "lr": 0.0003, "tag": "x"}."""
-    import json
-
-    from lorashelf.errors import LorashelfError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise LorashelfError(f"--set {pair!r} is not KEY=VALUE; e.g. --set epochs=3")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def override(options: dict, changes: dict) -> dict:
     """``options`` updated by ``changes``; a new ``steps`` clears ``epochs`` and vice versa."""
     out = {**options, **changes}
@@ -254,7 +255,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from lorashelf.runtime import resolve_dtype
     from lorashelf.train.config import TrainConfig
 
-    source = Library.open(args.source)
+    source = Library.open(library_of(args))
+    out_dir = args.out
+    if args.library is not None:
+        deprecated("build --library OUT", "build LIB --out OUT")
+        out_dir = out_dir or args.library
+    if out_dir is None:
+        raise LorashelfError("pass the output library with --out DIR")
     cards = {n: dict(source.get(n).card) for n in source.names()}
     options = training_from_cards(cards)  # train cluster experts like the private ones
     if args.train_config:
@@ -264,9 +271,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise LorashelfError(
                 f"--train-config {args.train_config}: {e}; pass a JSON object file"
             ) from None
-    train_cfg = from_dict(TrainConfig, override(options, parse_overrides(args.overrides)))
+    train_cfg = from_dict(TrainConfig, override(options, parse_sets(args.overrides)))
     base = args.model or source.base_model
-    out = Library.open(args.library, create=True, base_model=base)
+    out = Library.open(out_dir, create=True, base_model=base)
     trainer = make_trainer(
         base,
         train_cfg,
@@ -276,7 +283,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     built = build_library(args.clusters, source, out, trainer, prefix=args.prefix, progress=True)
     total = len(load_clusters(args.clusters).clusters)
-    print(f"built {len(built)} of {total} cluster expert(s) into {args.library}")
+    print(f"built {len(built)} of {total} cluster expert(s) into {out_dir}")
     return 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
+
+from lorashelf.cli.args import positive_int
+from lorashelf.cli.convention import add_json_arg, emit_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,12 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = verbs.add_parser("ls", help="list known tasks")
     ls.add_argument("--source", default=None, help="only this source, e.g. bigbench")
     ls.add_argument("--kind", choices=["mc", "gen"], default=None)
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(ls, "the list")
     ls.set_defaults(func=cmd_ls, needs_runtime=False)
 
     show = verbs.add_parser("show", help="print a task's rendered examples")
     show.add_argument("task", help="task id, e.g. bigbench:sports_understanding")
-    show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
+    show.add_argument("--n", type=positive_int, default=3, help="how many examples (default 3)")
     show.add_argument("--split", default="test", help="train, valid, test or all")
     show.add_argument("--seed", type=int, default=0, help="split seed")
     show.set_defaults(func=cmd_show, needs_runtime=False)
@@ -58,8 +60,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from lorashelf.data import list_tasks
 
     rows = list_tasks(args.home, source=args.source, kind=args.kind)
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+    if emit_json(args, [asdict(r) for r in rows]):
         return 0
     console = Console()
     table = Table(title=f"{len(rows)} tasks")

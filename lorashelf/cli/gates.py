@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import int_range, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gates", help="PHATGOOSE gates of a library's experts: train, ls")
@@ -21,13 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--experts", default=None, help="comma-separated names (default: all)")
     t.add_argument("--model", default=None, help="base model (default: the library's)")
     t.add_argument("--dtype", default="auto", help="model dtype: auto, bf16, fp16, fp32")
-    t.add_argument("--steps", type=int, default=100, help="gate training steps per expert")
-    t.add_argument("--lr", type=float, default=5e-3, help="learning rate (AdamW)")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-length", type=int, default=512, help="tokens per example")
+    t.add_argument("--steps", type=positive_int, default=100, help="gate training steps per expert")
+    t.add_argument("--lr", type=positive_float, default=5e-3, help="learning rate (AdamW)")
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--max-length", type=int_range(2), default=512, help="tokens per example")
     t.add_argument("--seed", type=int, default=0, help="data order seed")
     t.add_argument("--compute-dtype", default="auto", help="autocast dtype: auto, bf16, fp16, fp32")
-    t.add_argument("--max-examples", type=int, default=None, help="cap each task's examples")
+    t.add_argument(
+        "--max-examples", type=positive_int, default=None, help="cap each task's examples"
+    )
     t.add_argument("--overwrite", action="store_true", help="retrain experts that have gates")
     t.set_defaults(func=cmd_train)
 

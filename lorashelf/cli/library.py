@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorashelf.cli.args import nonempty, positive_int
+from lorashelf.cli.convention import add_json_arg, emit_json
 from lorashelf.errors import LorashelfError
 
 RICH_MAX_ROWS = 300
@@ -28,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", type=Path)
     v.add_argument("--base", required=True, help="base model (known name, hub id or path)")
     v.add_argument("--target-modules", default=None, help="e.g. q_proj,v_proj (default: first)")
-    v.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the first's)")
+    v.add_argument(
+        "--rank", type=positive_int, default=None, help="LoRA rank (default: the first's)"
+    )
     v.add_argument("--allow-mixed", action="store_true", help="allow mixed modules and ranks")
     v.set_defaults(func=cmd_init)
 
@@ -36,11 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", type=Path)
     v.add_argument("src", help="PEFT adapter dir or hub repo id (org/name)")
     v.add_argument("--all", action="store_true", help="every adapter subfolder of src")
-    v.add_argument("--name", default=None, help="expert name (default: from the source)")
+    v.add_argument(
+        "--name", type=nonempty, default=None, help="expert name (default: from the source)"
+    )
     v.add_argument("--task", action="append", default=None, help="task id (repeatable)")
     v.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     v.add_argument("--allow-mixed", action="store_true", help="accept other modules/ranks")
     v.add_argument("--overwrite", action="store_true", help="replace an expert of that name")
+    v.add_argument(
+        "--allow-base", action="store_true", help="accept an adapter naming another base model"
+    )
     v.set_defaults(func=cmd_import)
 
     v = verbs.add_parser("export", help="write an expert (or --all) as plain PEFT dirs")
@@ -56,13 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", type=Path)
     v.add_argument("--task", default=None, help="only experts trained on this task")
     v.add_argument("--source", default=None, help="only experts of this source (train, ...)")
-    v.add_argument("--json", action="store_true")
+    add_json_arg(v)
     v.set_defaults(func=cmd_ls)
 
     v = verbs.add_parser("show", help="an expert's card and adapter config")
     v.add_argument("dir", type=Path)
     v.add_argument("name")
-    v.add_argument("--json", action="store_true")
+    add_json_arg(v)
     v.set_defaults(func=cmd_show)
 
     v = verbs.add_parser("rm", help="remove experts")
@@ -73,6 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = verbs.add_parser("verify", help="check every file's checksum and the index")
     v.add_argument("dir", type=Path)
     v.add_argument("--progress", action="store_true", help="show a progress bar")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild the index from the expert dirs, drop damaged derived files",
+    )
     v.set_defaults(func=cmd_verify)
 
     for parser in verbs.choices.values():
@@ -81,12 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from lorashelf.library import Library
+    from lorashelf.library.shapes import cached_base_config
 
     existed = (args.dir / "library.json").exists()
     targets = args.target_modules.split(",") if args.target_modules else None
     lib = Library.open(
         args.dir, create=True, base_model=args.base, target_modules=targets, rank=args.rank,
-        allow_mixed=args.allow_mixed,
+        allow_mixed=args.allow_mixed, base_config=cached_base_config(args.base, args.home),
     )  # fmt: skip
     state = "already exists" if existed else "created"
     print(f"library {args.dir} {state} (base {lib.base_model}, {len(lib)} experts)")
@@ -107,7 +122,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     card = {"tasks": args.task} if args.task else None
     expert = import_adapter(
         lib, args.src, name=args.name, card=card, revision=args.revision,
-        overwrite=args.overwrite, allow_mixed=args.allow_mixed,
+        overwrite=args.overwrite, allow_mixed=args.allow_mixed, allow_base=args.allow_base,
     )  # fmt: skip
     modules = ",".join(expert.target_modules)
     print(f"imported {expert.name} (rank {_rank(expert)}, {modules}) into {args.dir}")
@@ -139,8 +154,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     lib = Library.open(args.dir)
     rows = [_ls_row(e) for e in lib.filter(task=args.task, source=args.source)]
-    if args.json:
-        print(json.dumps(rows, indent=1))
+    if emit_json(args, [_ls_json(e) for e in lib.filter(task=args.task, source=args.source)]):
+        pass
     elif not rows:
         print(f"no experts in {args.dir}" + (" match" if args.task or args.source else ""))
     elif len(rows) <= RICH_MAX_ROWS:
@@ -156,8 +171,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     expert = Library.open(args.dir).get(args.name)
     doc = {"path": str(expert.path), **expert.card, "adapter_config": expert.peft_config}
-    if args.json:
-        print(json.dumps(doc, indent=2))
+    if emit_json(args, doc):
         return 0
     for key, value in doc.items():
         text = value if isinstance(value, str) else json.dumps(value)
@@ -191,18 +205,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from lorashelf.library import Library
 
     lib = Library.open(args.dir)
+    if args.repair:
+        n = lib.rebuild_index()
+        print(f"repaired {args.dir}: index rebuilt from {n} expert dirs")
     problems = lib.verify(progress=args.progress)
     for problem in problems:
         print(f"problem ({problem.kind}): {problem}")
-    if problems:
+    if problems:  # 1: checked and found a problem (2 is for usage errors)
         print(f"{len(problems)} problem(s) in {args.dir}", file=sys.stderr)
-        return 2
+        return 1
     print(f"ok: {len(lib)} experts in {args.dir}, every file matches its checksum")
     return 0
 
 
 def _rank(expert: Any) -> str:
     return str(expert.rank) if expert.rank is not None else "mixed"
+
+
+def _ls_json(expert: Any) -> dict[str, Any]:
+    """One expert for ``ls --json``, in JSON types (rank: an int, or null when mixed)."""
+    return {
+        "name": expert.name,
+        "tasks": list(expert.tasks),
+        "rank": expert.rank,
+        "modules": list(expert.target_modules),
+        "source": expert.source,
+        "created": expert.created,
+    }
 
 
 def _ls_row(expert: Any) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from lorashelf.cli.convention import add_json_arg, emit_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("name", nargs="?", default=None, help="default: smollm2-135m")
     pull.set_defaults(func=cmd_pull)
     ls = verbs.add_parser("ls", help="list known models and whether they are cached")
-    ls.add_argument("--json", action="store_true")
+    add_json_arg(ls, "the list")
     ls.set_defaults(func=cmd_ls)
 
 
@@ -32,8 +33,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from lorashelf.models import list_cached
 
     rows = list_cached(args.home)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if emit_json(args, rows):
         return 0
     table = Table(title="models")
     for col in ("name", "base_id", "cached", "path"):

@@ -1,6 +1,6 @@
-"""``lorashelf train TASK [TASK ...] --library DIR``: one LoRA expert per task, or one joint.
+"""``lorashelf train LIB --tasks a,b``: one LoRA expert per task, or one joint.
 
-Thin handler over :func:`lorashelf.train.jobs.train_many`: experts already in the
+Thin handler over :func:`lorashelf.jobs.train.train_many`: experts already in the
 library are skipped (rerun to resume), the library is created for the model if it
 does not exist, and a summary table ends the run.
 """
@@ -10,80 +10,104 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import (
+    float_range,
+    int_range,
+    nonempty,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+from lorashelf.cli.convention import deprecated, task_list
+from lorashelf.cli.options import add_config_flags, config_values
 
-def register(sub: argparse._SubParsersAction) -> None:
+TRAIN_HELP = {
+    "steps": "optimizer steps (or --epochs)",
+    "epochs": "train for N epochs instead of --steps",
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha (unset: 2 * rank)",
+    "dropout": "LoRA dropout",
+    "lr": "learning rate",
+    "schedule": "linear, cosine or constant (after warm-up)",
+    "batch_size": "examples per step",
+    "max_length": "tokens; prompts cut from the left",
+    "max_valid": "validation examples per task for the valid loss",
+    "seed": "data order seed",
+    "init_seed": "LoRA A init seed; keep one per library (MBC)",
+    "split_seed": "train/valid/test split (as eval's --seed)",
+    "train_on": "split to train on: train or all",
+    "chat": "wrap prompts in the model's chat template",
+    "dtype": "load dtype of the base model (training computes in it): auto, bf16, fp16, fp32",
+}
+TRAIN_TYPES = {
+    "steps": positive_int,
+    "epochs": positive_float,
+    "rank": positive_int,
+    "alpha": positive_float,
+    "dropout": float_range(0.0, 0.99),
+    "lr": positive_float,
+    "batch_size": positive_int,
+    "max_length": int_range(2),
+    "max_valid": nonneg_int,
+}
+
+
+def register(sub: argparse._SubParsersAction, active: str | None = None) -> None:
     p = sub.add_parser("train", help="train LoRA experts (one per task, or --joint) into a library")
-    p.add_argument(
-        "tasks", nargs="+", metavar="TASK", help="task ids, e.g. bigbench:sports_understanding"
-    )
-    p.add_argument("--library", type=Path, required=True, help="library dir (created if missing)")
+    p.add_argument("items", nargs="+", metavar="LIB", help="the library dir (created if missing)")
+    p.add_argument("--tasks", default=None, help="comma-separated task ids, one expert each")
+    p.add_argument("--library", type=Path, default=None, help=argparse.SUPPRESS)  # deprecated
     p.add_argument(
         "--model", default=None, help="base model (default: the library's, else smollm2-135m)"
     )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    p.add_argument(
-        "--epochs", type=float, default=None, help="train for N epochs instead of --steps"
-    )
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument(
-        "--schedule", default="linear", help="linear, cosine or constant (after warm-up)"
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="tokens; prompts cut from the left")
-    p.add_argument(
-        "--max-valid", type=int, default=200, help="validation examples per task for the valid loss"
-    )
-    p.add_argument(
+    g = p.add_argument_group("training (defaults from TrainConfig)")
+    if active in (None, "train"):
+        from lorashelf.train.config import TrainConfig
+
+        add_config_flags(g, TrainConfig, TRAIN_HELP, TRAIN_TYPES)
+    g.add_argument(
         "--target-modules",
-        default="q_proj,k_proj,v_proj,o_proj",
-        help="comma-separated module names, or all-linear",
+        default=None,
+        help="comma-separated module names, or all-linear (default: q_proj,k_proj,v_proj,o_proj)",
     )
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument(
-        "--init-seed", type=int, default=0, help="LoRA A init seed; keep one per library (MBC)"
-    )
-    p.add_argument(
-        "--split-seed", type=int, default=0, help="train/valid/test split (as eval's --seed)"
-    )
-    p.add_argument("--train-on", default="train", help="split to train on: train or all")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp16, fp32")
     p.add_argument("--joint", metavar="NAME", default=None, help="one expert NAME on all tasks")
-    p.add_argument("--name", default=None, help="expert name for a single task")
+    p.add_argument("--name", type=nonempty, default=None, help="expert name for a single task")
     p.add_argument("--runner", default="local", help="local (one loaded model) or ray")
     p.add_argument(
-        "--max-examples", type=int, default=None, help="cap examples read per task before splitting"
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="cap examples read per task before splitting",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
 
+def library_and_tasks(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """``train LIB --tasks a,b``, or the deprecated ``train a b --library LIB``."""
+    from lorashelf.errors import LorashelfError
+
+    if args.library is not None:
+        deprecated("train TASK... --library LIB", "train LIB --tasks TASK,...")
+        tasks = list(args.items) + (task_list(args.tasks) if args.tasks else [])
+        return args.library, tasks
+    if len(args.items) != 1:
+        raise LorashelfError(
+            "pass the library first and the tasks with --tasks: "
+            f"lorashelf train LIB --tasks {','.join(args.items[1:]) or 'TASK,...'}"
+        )
+    return Path(args.items[0]), task_list(args.tasks)
+
+
 def config_from_args(args: argparse.Namespace):
     from lorashelf.train.config import TrainConfig, parse_targets
 
-    steps = args.steps if args.steps is not None or args.epochs is not None else 200
-    return TrainConfig(
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=parse_targets(args.target_modules),
-        lr=args.lr,
-        schedule=args.schedule,
-        steps=steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_valid=args.max_valid,
-        seed=args.seed,
-        init_seed=args.init_seed,
-        split_seed=args.split_seed,
-        train_on=args.train_on,
-        dtype=args.dtype,
-        chat=args.chat,
-    )
+    values = config_values(args)
+    if "epochs" in values and "steps" not in values:
+        values["steps"] = None  # --epochs replaces TrainConfig's default step count
+    if args.target_modules is not None:
+        values["target_modules"] = parse_targets(args.target_modules)
+    return TrainConfig(**values)
 
 
 def library_base(path: Path) -> str | None:
@@ -121,15 +145,16 @@ def print_summary(results, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorashelf.jobs.train import train_many
     from lorashelf.models import DEFAULT_MODEL
-    from lorashelf.train.jobs import train_many
 
+    library, tasks = library_and_tasks(args)
     config = config_from_args(args)
-    model = args.model or library_base(args.library) or DEFAULT_MODEL
+    model = args.model or library_base(library) or DEFAULT_MODEL
     results = train_many(
         model,
-        args.tasks,
-        args.library,
+        tasks,
+        library,
         config,
         runner=args.runner,
         home=args.home,
@@ -141,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for r in results:
         if r.status == "skipped":
-            print(f"skipped {r.name}: already in {args.library}")
+            print(f"skipped {r.name}: already in {library}")
     trained = sum(r.status == "trained" for r in results)
-    print_summary(results, f"{trained} trained, {len(results) - trained} skipped -> {args.library}")
+    print_summary(results, f"{trained} trained, {len(results) - trained} skipped -> {library}")
     return 0

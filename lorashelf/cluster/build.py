@@ -8,24 +8,22 @@ expert is already in the output library, built from the same clusters.json, is
 skipped; one built from a different clustering is refused rather than mixed in.
 
 Training itself is the train area's job; :func:`build_library` takes a ``Trainer``
-(jobs in, PEFT dir out) so the loop here stays about clusters, names and cards.
+(jobs in, PEFT dir out) and :func:`lorashelf.jobs.run_jobs` does the resumable loop, so
+this module stays about clusters, names and cards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from lorashelf.cluster.report import ClusterFile, load_clusters
 from lorashelf.errors import LorashelfError
+from lorashelf.jobs import Output, run_jobs
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,10 @@ def check_members(cf: ClusterFile, names: Sequence[str], source: str | os.PathLi
         )
 
 
-def pending(jobs: Sequence[ClusterJob], out_lib: Any, cf: ClusterFile) -> list[ClusterJob]:
-    """Jobs whose expert is not yet in ``out_lib``; refuses experts of another clustering."""
+def check_built(jobs: Sequence[ClusterJob], out_lib: Any, cf: ClusterFile) -> None:
+    """Refuse an output library holding one of these experts built from another clustering."""
     have = set(out_lib.names())
-    todo = []
-    for job in jobs:
-        if job.name not in have:
-            todo.append(job)
-            continue
+    for job in (j for j in jobs if j.name in have):
         made = (out_lib.get(job.name).card.get("extra") or {}).get("cluster") or {}
         if made.get("sha256") != cf.sha256:
             raise LorashelfError(
@@ -95,7 +89,6 @@ def pending(jobs: Sequence[ClusterJob], out_lib: Any, cf: ClusterFile) -> list[C
                 f"(sha256 {str(made.get('sha256'))[:12]} vs {cf.sha256[:12]}); "
                 "build into a new --library directory or remove that expert"
             )
-    return todo
 
 
 def build_library(
@@ -115,20 +108,16 @@ def build_library(
     cf = load_clusters(clusters)
     check_members(cf, list(source_lib.names()), getattr(source_lib, "path", "the library"))
     jobs = plan_jobs(cf, prefix=prefix)
-    todo = pending(jobs, out_lib, cf)
-    built = []
-    with tempfile.TemporaryDirectory(prefix="lorashelf-build-") as work:
-        for job in tqdm(todo, desc="building cluster experts", disable=not progress):
-            tmp = Path(work) / job.name
-            fields = dict(trainer(job, tmp))
-            extra = dict(fields.pop("extra", None) or {})
-            extra["cluster"] = cluster_extra(job, cf)
-            out_lib.add(
-                tmp, name=job.name, card={**fields, "tasks": list(job.tasks), "extra": extra}
-            )
-            shutil.rmtree(tmp, ignore_errors=True)
-            built.append(job.name)
-    return built
+    check_built(jobs, out_lib, cf)
+
+    def work(job: ClusterJob, out_dir: Path) -> Output[str]:
+        fields = dict(trainer(job, out_dir))
+        extra = dict(fields.pop("extra", None) or {})
+        extra["cluster"] = cluster_extra(job, cf)
+        return Output({**fields, "tasks": list(job.tasks), "extra": extra}, job.name)
+
+    built = run_jobs(jobs, work, out_lib, desc="building cluster experts", progress=progress)
+    return list(built.values())
 
 
 def training_from_cards(cards: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -105,7 +105,6 @@ class Outcome:
 
 
 Clusterer = Callable[[ClusterContext, ClusterConfig], Outcome]
-CLUSTERERS: Registry[Clusterer] = Registry("clustering method")
 
 
 def _kmeans_rows(sim: torch.Tensor, cfg: ClusterConfig) -> tuple[list[int], dict[str, Any]]:
@@ -113,7 +112,6 @@ def _kmeans_rows(sim: torch.Tensor, cfg: ClusterConfig) -> tuple[list[int], dict
     return res.labels.tolist(), {"kmeans_inertia": res.inertia}
 
 
-@CLUSTERERS.register("mbc")
 def mbc(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
     sim = ctx.parameter_similarity(cfg)
     labels, info = _kmeans_rows(sim.matrix, cfg)
@@ -126,7 +124,6 @@ def balanced_sizes(n: int, k: int) -> tuple[int, ...]:
     return tuple(n // k + (1 if i < n % k else 0) for i in range(k))
 
 
-@CLUSTERERS.register("random")
 def random_clusters(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
     n = len(ctx.names)
     sizes = cfg.sizes or balanced_sizes(n, cfg.k)
@@ -141,7 +138,6 @@ def random_clusters(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
     return Outcome(labels, sim.matrix, "parameter", {"sizes_requested": list(sizes)})
 
 
-@CLUSTERERS.register("embedding")
 def embedding_clusters(ctx: ClusterContext, cfg: ClusterConfig) -> Outcome:
     sim = ctx.text_similarity()
     labels, info = _kmeans_rows(sim, cfg)
@@ -197,3 +193,8 @@ def cluster_experts(ctx: ClusterContext, cfg: ClusterConfig) -> Clustering:
     labels = canonical_labels(out.labels)
     stats = similarity_stats(out.similarity, labels)
     return Clustering(ctx.names, labels, out.similarity, out.similarity_kind, cfg, stats, out.info)
+
+
+CLUSTERERS: Registry[Clusterer] = Registry(
+    "clustering method", {"mbc": mbc, "random": random_clusters, "embedding": embedding_clusters}
+)

@@ -1,10 +1,12 @@
 """The few-shot methods LoraHub is compared with, each turning shots into a model to score.
 
 Huang et al. 2023 (arXiv 2307.13269, Table 1) set LoraHub against zero-shot, in-context
-learning with the same shots, and gradient-based tuning on them; we add the uniform
-merge of the same experts (the mu baseline of Ostapenko et al. 2024) and Adam on the
-LoraHub weights themselves, which isolates the search from the parametrisation. A
-method is a function ``build(ctx) -> Built`` registered in ``FEWSHOT_METHODS``; the
+learning with the same shots, and gradient-based tuning on them; we add Adam on the
+LoraHub weights themselves, which isolates the search from the parametrisation, and
+every zero-shot method of the library (uniform, TIES, Arrow, ...: lorashelf.methods
+adds them to the table ``fewshot`` compares). A method is a function
+``build(ctx) -> Built`` wrapped in a :class:`FewShotMethod` and listed in
+:mod:`lorashelf.compose.registry`; the
 returned model is scored like any other (lorashelf.evaluate), on the returned task
 (in-context learning rewrites the prompts), then ``close()`` restores the base model.
 ``seeded=False`` marks methods that ignore the shots (evaluated once per task).
@@ -25,9 +27,8 @@ from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.lorahub import compose
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
+from lorashelf.lora import attach
 from lorashelf.models import BaseModel
-from lorashelf.registry import Registry
-from lorashelf.route import attach
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,6 @@ class FewShotMethod:
     seeded: bool = True
 
 
-FEWSHOT_METHODS: Registry[FewShotMethod] = Registry("few-shot method")
-
-
-def method(name: str, summary: str, seeded: bool = True) -> Callable:
-    def deco(fn: Callable[[FewShotContext], Built]) -> Callable[[FewShotContext], Built]:
-        FEWSHOT_METHODS.register(name)(FewShotMethod(name, summary, fn, seeded))
-        return fn
-
-    return deco
-
-
-@method("zero-shot", "the base model alone", seeded=False)
 def zero_shot(ctx: FewShotContext) -> Built:
     return Built(ctx.base.model, ctx.task)
 
@@ -93,23 +82,8 @@ def icl_task(task: Task, shots: Sequence[Example], separator: str = "\n\n") -> T
     return dataclasses.replace(task, examples=examples)
 
 
-@method("icl", "in-context learning: the shots before each test prompt")
 def in_context(ctx: FewShotContext) -> Built:
     return Built(ctx.base.model, icl_task(ctx.task, ctx.shots, ctx.options.icl_separator))
-
-
-@method("uniform", "uniform merge of the experts (lorashelf.merge)", seeded=False)
-def uniform(ctx: FewShotContext) -> Built:
-    factors = [f for _, f in ctx.experts]
-    kind = "uniform" if ctx.compose.mix == "params" else "uniform-delta"
-    try:
-        from lorashelf.merge import merge
-    except ImportError:  # the mixture with weights 1/E is the same model
-        n = len(ctx.experts)
-        handle = attach(ctx.base.model, ctx.experts, weights=[1.0 / n] * n, mix=ctx.compose.mix)
-        return Built(ctx.base.model, ctx.task, handle.detach, {"via": "mixture"})
-    applied = merge(factors, kind).apply(ctx.base.model)
-    return Built(ctx.base.model, ctx.task, applied.restore, {"via": f"merge:{kind}"})
 
 
 def _composed(ctx: FewShotContext, config: ComposeConfig) -> Built:
@@ -119,18 +93,15 @@ def _composed(ctx: FewShotContext, config: ComposeConfig) -> Built:
     return Built(ctx.base.model, ctx.task, handle.detach, info)
 
 
-@method("lorahub", "LoraHub: gradient-free search of one weight per expert")
 def lorahub(ctx: FewShotContext) -> Built:
     return _composed(ctx, dataclasses.replace(ctx.compose, seed=ctx.seed))
 
 
-@method("gradient", "Adam on the LoraHub weights through the same loss")
 def gradient(ctx: FewShotContext) -> Built:
     config = dataclasses.replace(ctx.compose, seed=ctx.seed, optimizer="adam")
     return _composed(ctx, config)
 
 
-@method("lora", "a LoRA trained from scratch on the shots (lorashelf.train)")
 def lora_on_shots(ctx: FewShotContext) -> Built:
     try:
         from lorashelf.library import read_lora_factors
@@ -160,3 +131,14 @@ def lora_on_shots(ctx: FewShotContext) -> Built:
     handle = attach(ctx.base.model, [("lora", factors)], weights=[1.0])
     info = {"train_loss": res.train_loss, "steps": res.steps, "seconds": res.seconds}
     return Built(ctx.base.model, ctx.task, handle.detach, info)
+
+
+ZERO_SHOT = FewShotMethod("zero-shot", "the base model alone", zero_shot, seeded=False)
+ICL = FewShotMethod("icl", "in-context learning: the shots before each test prompt", in_context)
+LORAHUB = FewShotMethod(
+    "lorahub", "LoraHub: gradient-free search of one weight per expert", lorahub
+)
+GRADIENT = FewShotMethod("gradient", "Adam on the LoraHub weights through the same loss", gradient)
+LORA = FewShotMethod(
+    "lora", "a LoRA trained from scratch on the shots (lorashelf.train)", lora_on_shots
+)

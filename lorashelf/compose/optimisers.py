@@ -52,9 +52,6 @@ class Optimiser:
     gradient: bool = False
 
 
-OPTIMISERS: Registry[Optimiser] = Registry("optimizer")
-
-
 class RngScope:
     """A private numpy + ``random`` state swapped in for the length of a ``with`` block."""
 
@@ -146,12 +143,15 @@ class NevergradSearch:
             return np.asarray(self.opt.provide_recommendation().value, dtype=np.float64)
 
 
-OPTIMISERS.register("cma")(
-    Optimiser("cma", "CMA-ES (cma package); a whole generation per batched pass", CmaSearch)
-)
-OPTIMISERS.register("ngopt")(
-    Optimiser("ngopt", "nevergrad NGOpt, as the LoraHub reference", NevergradSearch)
-)
-OPTIMISERS.register("adam")(
-    Optimiser("adam", "Adam on the weights through the mixture (gradient baseline)", gradient=True)
+OPTIMISERS: Registry[Optimiser] = Registry(
+    "optimizer",
+    {
+        "cma": Optimiser(
+            "cma", "CMA-ES (cma package); a whole generation per batched pass", CmaSearch
+        ),
+        "ngopt": Optimiser("ngopt", "nevergrad NGOpt, as the LoraHub reference", NevergradSearch),
+        "adam": Optimiser(
+            "adam", "Adam on the weights through the mixture (gradient baseline)", gradient=True
+        ),
+    },
 )

@@ -25,10 +25,8 @@ from lorashelf.registry import Registry
 
 # (model, experts, shots, config) -> one score per expert; higher is better
 Preselector = Callable[[nn.Module, Experts, ShotBatch, ComposeConfig], list[float]]
-PRESELECTORS: Registry[Preselector] = Registry("preselector")
 
 
-@PRESELECTORS.register("loss")
 def by_loss(model: nn.Module, experts: Experts, shots: ShotBatch, config: ComposeConfig):
     """Minus each expert's own loss on the shots (one-hot weights, batched)."""
     with PopulationScorer.from_config(model, experts, shots, config) as scorer:
@@ -36,21 +34,11 @@ def by_loss(model: nn.Module, experts: Experts, shots: ShotBatch, config: Compos
     return (-losses).tolist()
 
 
-@PRESELECTORS.register("arrow")
-def by_arrow(model: nn.Module, experts: Experts, shots: ShotBatch, config: ComposeConfig):
-    """Mean Arrow routing weight of each expert over the shots' tokens (top-4 routing)."""
-    from lorashelf.route import ArrowConfig, build_routed_model
-
-    arrow = ArrowConfig(top_k=min(4, len(experts)))
-    device = next(model.parameters()).device
-    with build_routed_model(model, experts, "arrow", arrow) as routed, torch.no_grad():
-        with routed.record() as stats:
-            routed.get_base_model()(
-                input_ids=shots.input_ids.to(device),
-                attention_mask=shots.attention_mask.to(device),
-                use_cache=False,
-            )
-    return stats.overall()
+# "arrow" is Arrow's own usage count (lorashelf.route.arrow), named here lazily, so
+# composition reads it without importing its sibling package.
+PRESELECTORS: Registry[Preselector] = Registry(
+    "preselector", {"loss": by_loss, "arrow": "lorashelf.route.arrow:preselect_scores"}
+)
 
 
 def preselect(

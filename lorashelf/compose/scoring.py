@@ -23,9 +23,10 @@ from torch import nn
 
 from lorashelf.compose.config import ComposeConfig
 from lorashelf.compose.layout import ShotLayout, choose_layout
+from lorashelf.compose.population import PopulationKernel
 from lorashelf.compose.shots import ShotBatch
+from lorashelf.lora import attach
 from lorashelf.lora.stack import Experts
-from lorashelf.route import attach
 from lorashelf.train.loss import split_lm
 
 
@@ -92,7 +93,9 @@ class PopulationScorer:
         self.layout = choose_layout(shots, layout).to(device)
         self.n_targets = torch.tensor(self.layout.n_targets, device=device, dtype=torch.float32)
         self.loss, self.chunk = loss, chunk
-        self.handle = attach(model, experts, mix=mix, lora_dtype=lora_dtype)
+        self.handle = attach(
+            model, experts, mix=mix, lora_dtype=lora_dtype, per_sequence=PopulationKernel()
+        )
         self.names = self.handle.expert_names
         self.passes = 0  # forward passes run (for benchmarks and reports)
 

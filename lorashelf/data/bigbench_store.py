@@ -16,7 +16,7 @@ from typing import Any
 
 from lorashelf.data.bigbench import Parsed, is_container, parse_task
 from lorashelf.data.bigbench_index import INDEX_FORMAT, Indexer
-from lorashelf.data.sources import SOURCES, Source, TaskInfo
+from lorashelf.data.sources import Source, TaskInfo
 from lorashelf.data.task import Task
 from lorashelf.errors import LorashelfError, did_you_mean
 
@@ -151,4 +151,4 @@ def ls(home: Path) -> list[TaskInfo]:
     ]
 
 
-SOURCES.register("bigbench")(Source(load=load, ls=ls))
+SOURCE = Source(load=load, ls=ls)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorashelf.data.rows import row_example, task_kind
-from lorashelf.data.sources import SOURCES, Source, parse_options, subset
+from lorashelf.data.sources import Source, parse_options, subset
 from lorashelf.data.task import Task
 from lorashelf.errors import LorashelfError, did_you_mean
 
@@ -112,4 +112,4 @@ def load(name: str, home: Path, max_examples: int | None) -> Task:
     )
 
 
-SOURCES.register("hf")(Source(load=load))
+SOURCE = Source(load=load)

@@ -14,34 +14,41 @@ import json
 from pathlib import Path
 
 from lorashelf.data.rows import row_example, task_kind
-from lorashelf.data.sources import SOURCES, Source, parse_options, subset
+from lorashelf.data.sources import Source, parse_options, subset
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 
 
 def read_rows(path: Path, sep: str) -> list[Example]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise LorashelfError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorashelfError(f"{where}: not valid JSON ({e.msg}); fix that line") from None
-            if not isinstance(row, dict) or "input" not in row:
-                raise LorashelfError(f"{where}: each line must be an object with an 'input' key")
-            examples.append(
-                row_example(
-                    row["input"],
-                    target=row.get("target"),
-                    options=row.get("options"),
-                    answer=row.get("answer"),
-                    sep=sep,
-                    where=where,
-                )
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LorashelfError(f"{where}: not valid JSON ({e.msg}); fix that line") from None
+        if not isinstance(row, dict) or "input" not in row:
+            raise LorashelfError(f"{where}: each line must be an object with an 'input' key")
+        examples.append(
+            row_example(
+                row["input"],
+                target=row.get("target"),
+                options=row.get("options"),
+                answer=row.get("answer"),
+                sep=sep,
+                where=where,
             )
+        )
     return examples
 
 
@@ -64,4 +71,4 @@ def load(name: str, home: Path, max_examples: int | None) -> Task:
     )
 
 
-SOURCES.register("jsonl")(Source(load=load))
+SOURCE = Source(load=load)

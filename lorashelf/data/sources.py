@@ -3,7 +3,7 @@
 A source turns the part of a task id after the first ``:`` into a :class:`Task`
 (``bigbench:sports_understanding``, ``jsonl:./my.jsonl``, ``hf:data.parquet?...``) and
 may list the tasks it knows. Adding a source costs one module and one
-``SOURCES.register("name")`` line, as with lm-eval's task registry. This module also
+line in ``SOURCES`` below, as with lm-eval's task registry. This module also
 holds what every source shares: ``?key=value`` options in ids and the
 deterministic ``max_examples`` subset.
 """
@@ -43,7 +43,14 @@ class Source:
     ls: Callable[[Path], list[TaskInfo]] = field(default=lambda home: [])
 
 
-SOURCES: Registry[Source] = Registry("task source")
+SOURCES: Registry[Source] = Registry(
+    "task source",
+    {
+        "bigbench": "lorashelf.data.bigbench_store:SOURCE",
+        "jsonl": "lorashelf.data.jsonl:SOURCE",
+        "hf": "lorashelf.data.hf:SOURCE",
+    },
+)
 
 
 def split_id(task_id: str) -> tuple[str, str]:

@@ -81,10 +81,9 @@ class Demo:
                 "--batch-size", str(s.train_batch), "--max-length", str(s.max_length)]  # fmt: skip
 
     def train(self) -> None:
-        self.lorashelf(
-            "train", *self.suite.train, "--library", self.out / "private", *self.train_opts()
-        )
-        self.lorashelf("train", *self.suite.train, "--library", self.out / "shared",
+        tasks = ",".join(self.suite.train)
+        self.lorashelf("train", self.out / "private", "--tasks", tasks, *self.train_opts())
+        self.lorashelf("train", self.out / "shared", "--tasks", tasks,
                        "--joint", "shared", *self.train_opts())  # fmt: skip
 
     def cluster(self) -> None:
@@ -92,8 +91,8 @@ class Demo:
         if not clusters.exists():
             self.lorashelf("cluster", self.out / "private", "--k", str(self.suite.clusters),
                            "--method", "mbc", "--out", clusters, "--plot", self.out / "similarity.png")  # fmt: skip
-        self.lorashelf("build", "--from", self.out / "private", "--clusters", clusters,
-                       "--library", self.out / "mbc")  # fmt: skip
+        self.lorashelf("build", self.out / "private", "--clusters", clusters,
+                       "--out", self.out / "mbc")  # fmt: skip
 
     def gates(self) -> None:
         self.lorashelf("gates", "train", self.out / "private", "--steps", str(self.suite.gate_steps),
@@ -115,7 +114,7 @@ class Demo:
             argv = ["eval", "--tasks", tasks, "--limit", str(self.suite.eval_limit),
                     "--method", method, "--json", out]  # fmt: skip
             if lib is not None:
-                argv += ["--library", self.out / lib]
+                argv.insert(1, self.out / lib)  # the library is the first argument
             if method == "oracle":
                 argv += ["--oracle-map", oracle]
             if method == "arrow":
@@ -140,6 +139,10 @@ class Demo:
         self.stage("train PHATGOOSE gates", self.gates)
         self.stage("evaluate on held-out tasks", self.evaluate)
         self.stage("LoraHub few-shot", self.fewshot)
+        self.console.print(
+            f"serve what it built: lorashelf serve {self.out / 'private'} {self.out / 'mbc'}"
+            "  (then open http://127.0.0.1:8000/)"
+        )
         timings = self.out / "timings.json"
         previous = json.loads(timings.read_text()) if timings.exists() else {}
         timings.write_text(

@@ -4,14 +4,19 @@ Accuracy picks the option with the highest summed log-probability (BIG-bench's
 ``multiple_choice_grade``). The gold NLL is the negative log-likelihood of the gold
 continuation per token, averaged over examples: small models sit near chance on
 hard tasks, and this number still moves when an expert helps. Exact match
-normalises case, punctuation, articles and whitespace (SQuAD-style).
+normalises case, punctuation, articles and whitespace (SQuAD-style). A NaN or inf
+log-probability is an error, never a score: NaN compares unequal to everything, so an
+argmax over NaN picks nothing and "every picked option is gold" would hold vacuously.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
+from collections.abc import Sequence
 
+from lorashelf.errors import LorashelfError
 from lorashelf.evaluate.scoring import Scored
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -29,6 +34,22 @@ def exact_match(prediction: str, targets: tuple[str, ...] | list[str]) -> bool:
     return any(pred == normalize_answer(t) for t in targets)
 
 
+class NonFiniteScoreError(LorashelfError):
+    """The model gave a NaN or inf log-probability: its weights are numerically broken."""
+
+
+def check_finite_scores(scores: Sequence[Scored], what: str) -> None:
+    """Raise naming the likely cause if any log-probability is NaN or inf."""
+    bad = [s.logprob for s in scores if not math.isfinite(s.logprob)]
+    if bad:
+        raise NonFiniteScoreError(
+            f"{what}: the model gave {len(bad)} of {len(scores)} continuations a non-finite "
+            f"log-probability ({bad[0]}), so there is no valid score; an expert or merge is "
+            "numerically broken (e.g. a huge lora_alpha): check it with `lorashelf library "
+            "verify`, re-import it, or evaluate in --dtype fp32"
+        )
+
+
 def mc_correct(
     option_scores: list[Scored], answer: int, credits: tuple[float, ...] | list[float] = ()
 ) -> bool:
@@ -38,6 +59,7 @@ def mc_correct(
     ``target_scores``: "3" and "three" can both be right), else just ``answer``.
     A tie between a gold and a wrong option counts as wrong.
     """
+    check_finite_scores(option_scores, "multiple-choice scoring")
     best = max(s.logprob for s in option_scores)
     picked = [i for i, s in enumerate(option_scores) if s.logprob == best]
     if credits:
@@ -47,4 +69,5 @@ def mc_correct(
 
 
 def per_token_nll(score: Scored) -> float:
+    check_finite_scores([score], "gold NLL")
     return -score.logprob / max(score.n_tokens, 1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorashelf.evaluate.runner import EvalResult
+from lorashelf.evaluate.stats import interval_table
 
 
 @dataclass
@@ -83,6 +84,15 @@ def _sections(report: Report) -> list[Section]:
         Section("Accuracy (held-out tasks)", table=metric_table(report.results, "accuracy")),
         Section("Gold NLL per token (lower is better)", table=metric_table(report.results, "nll")),
     ]
+    intervals = interval_table(report.results, baseline="base")
+    if intervals:
+        head.append(Section(
+            "Mean over held-out tasks, with 95% bootstrap intervals",
+            text="Tasks resampled, then examples within each task; sorted by gold NLL. The last "
+            "column is the mean per-example NLL difference to the base model on the same "
+            "examples, with a two-sided sign-flip permutation test.",
+            table=intervals,
+        ))  # fmt: skip
     tail = []
     if report.timings:
         rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in report.timings.items()]

@@ -22,7 +22,12 @@ from lorashelf.data.prompt import render
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 from lorashelf.evaluate.generate import greedy_generate
-from lorashelf.evaluate.metrics import exact_match, mc_correct, per_token_nll
+from lorashelf.evaluate.metrics import (
+    check_finite_scores,
+    exact_match,
+    mc_correct,
+    per_token_nll,
+)
 from lorashelf.evaluate.scoring import score_continuations
 
 
@@ -36,6 +41,20 @@ class EvalConfig:
     chat: bool = False
     max_new_tokens: int = 32
 
+    def __post_init__(self) -> None:
+        # every caller (CLI, demo, Python) gets the same one-line errors
+        _at_least("limit", self.limit, 1, "evaluate at least one example, or omit it for all")
+        _at_least("batch_size", self.batch_size, 1, "use e.g. 16")
+        _at_least("max_length", self.max_length, 2, "a prompt token and an answer token")
+        _at_least("max_new_tokens", self.max_new_tokens, 1, "use e.g. 32")
+
+
+def _at_least(field: str, value: int | None, low: int, hint: str) -> None:
+    if value is None and field == "limit":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise LorashelfError(f"{field} must be an integer >= {low}, not {value!r}; {hint}")
+
 
 @dataclass
 class TaskResult:
@@ -44,6 +63,9 @@ class TaskResult:
     nll: float
     kind: str
     seconds: float
+    # per example, in split order: what intervals and paired tests resample
+    correct: list[bool] = field(default_factory=list)
+    nlls: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +132,7 @@ def evaluate_task(
     scores = score_continuations(
         model, tokenizer, pairs, batch_size=cfg.batch_size, max_length=cfg.max_length
     )
+    check_finite_scores(scores, f"task {task.id}")
     correct, nlls, k = [], [], 0
     for ex in examples:
         if task.kind == "mc":
@@ -142,6 +165,8 @@ def evaluate_task(
         nll=sum(nlls) / len(nlls),
         kind=task.kind,
         seconds=time.perf_counter() - start,
+        correct=[bool(c) for c in correct],
+        nlls=[float(x) for x in nlls],
     )
 
 

@@ -6,19 +6,21 @@ This is what ``lorashelf eval`` runs; the demo calls the same functions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lorashelf.config import write_json_atomic
 from lorashelf.data import load_task
 from lorashelf.errors import LorashelfError, did_you_mean
-from lorashelf.evaluate.methods import METHODS, MethodOptions, prepare
 from lorashelf.evaluate.runner import EvalConfig, EvalResult, evaluate
 from lorashelf.evaluate.table import print_results
 from lorashelf.library import Library
+from lorashelf.methods import MethodContext, check_settings, prepare, split_spec
 from lorashelf.models import DEFAULT_MODEL, BaseModel, load_base
 from lorashelf.runtime import resolve_dtype
 
@@ -38,12 +40,10 @@ class EvalRequest:
     max_examples: int | None = None
     chat: bool = False
     experts: tuple[str, ...] | None = None
-    top_k: int | None = None
-    temperature: float = 1.0
-    mix: str = "output"
-    density: float = 0.2
+    # the methods' options (``top_k``, ``density``, ...): each takes the keys it has
+    settings: Mapping[str, Any] = field(default_factory=dict)
     oracle: Mapping[str, str] = field(default_factory=dict)
-    json_out: Path | None = None
+    json_out: Path | str | None = None  # "-": stdout
     routing_report: Path | None = None
 
 
@@ -53,12 +53,13 @@ def evaluate_methods(
     tasks: list,
     methods: tuple[str, ...],
     cfg: EvalConfig,
-    options: MethodOptions,
+    ctx: MethodContext,
+    settings: Mapping[str, Any],
 ) -> tuple[list[EvalResult], dict[str, dict]]:
     """Evaluate every method on ``tasks``; returns results and routing stats per method."""
     results, routing = [], {}
     for method in methods:
-        prepared = prepare(method, base.model, library, options)
+        prepared = prepare(method, base.model, ctx, settings)
         try:
             res = evaluate(
                 base.model, base.tokenizer, tasks, cfg, method=method, on_task=prepared.on_task
@@ -75,12 +76,15 @@ def evaluate_methods(
 
 
 def check_methods(
-    methods: tuple[str, ...], library: Library | None, experts: tuple[str, ...] | None
+    methods: tuple[str, ...],
+    library: Library | None,
+    experts: tuple[str, ...] | None,
+    settings: Mapping[str, Any],
 ) -> None:
-    for m in methods:
-        name, _, arg = m.partition(":")
-        METHODS.get(name)
-        if name != "base" and library is None:
+    specs = [split_spec(m)[0] for m in methods]
+    check_settings(specs, settings)
+    for m, spec in zip(methods, specs):
+        if spec.kind != "base" and library is None:
             raise LorashelfError(f"method {m!r} needs a library; pass --library DIR")
     if library is not None:
         known = set(library.names())
@@ -94,7 +98,7 @@ def check_methods(
 
 def run_eval(req: EvalRequest, *, home: Path, device: torch.device) -> list[EvalResult]:
     library = Library.open(req.library) if req.library is not None else None
-    check_methods(req.methods, library, req.experts)  # fail before any slow loading
+    check_methods(req.methods, library, req.experts, req.settings)  # before slow loading
     tasks = [load_task(t, home=home, max_examples=req.max_examples) for t in req.tasks]
     model_name = req.model or (library.base_model if library is not None else DEFAULT_MODEL)
     dtype = resolve_dtype(req.dtype, device)
@@ -103,17 +107,12 @@ def run_eval(req: EvalRequest, *, home: Path, device: torch.device) -> list[Eval
         split=req.split, limit=req.limit, seed=req.seed, batch_size=req.batch_size,
         max_length=req.max_length, chat=req.chat,
     )  # fmt: skip
-    options = MethodOptions(
-        experts=req.experts, top_k=req.top_k, temperature=req.temperature, mix=req.mix,
-        density=req.density, oracle=dict(req.oracle),
-    )  # fmt: skip
-    if req.routing_report and not any(
-        m.split(":")[0] in ("arrow", "phatgoose") for m in req.methods
-    ):
+    ctx = MethodContext(library, req.experts, dict(req.oracle))
+    if req.routing_report and not any(split_spec(m)[0].kind == "router" for m in req.methods):
         raise LorashelfError(
             "--routing-report needs a routing method (--method arrow or phatgoose)"
         )
-    results, routing = evaluate_methods(base, library, tasks, req.methods, cfg, options)
+    results, routing = evaluate_methods(base, library, tasks, req.methods, cfg, ctx, req.settings)
     where = f" + {library.path.name}" if library is not None else ""
     print_results(results, title=f"{base.name}{where}, split {req.split}")
     if req.json_out:
@@ -122,8 +121,11 @@ def run_eval(req: EvalRequest, *, home: Path, device: torch.device) -> list[Eval
             if len(results) == 1
             else {"methods": [r.to_json() for r in results]}
         )
-        write_json_atomic(req.json_out, payload)
-        print(f"wrote {req.json_out}")
+        if str(req.json_out) == "-":
+            print(json.dumps(payload, indent=2, allow_nan=False))
+        else:
+            write_json_atomic(req.json_out, payload)
+            print(f"wrote {req.json_out}")
     if req.routing_report:
         from lorashelf.route import save_routing_report
 

@@ -1,9 +1,12 @@
 """Inspect a PEFT adapter dir before it enters a library, and check the library policy.
 
 Everything is checked before anything is written: the adapter is a plain LoRA
-(``peft_type`` LORA, no DoRA or other variant), its weights are safetensors whose keys
-are exactly the LoRA A/B pairs of the modules ``adapter_config.json`` targets, every
-value is finite, and it names a base model. The files are read once, into memory: the
+(``peft_type`` LORA, no DoRA or other variant) whose ``adapter_config.json`` is a JSON
+object with well-typed fields, its weights are floating-point safetensors whose keys
+are exactly the LoRA A/B pairs of the modules the config targets, every value is
+finite, no module's update ``scale * B @ A`` is implausibly large (a ``lora_alpha`` of
+``1e30`` is finite but turns every forward pass into inf/NaN), and it names its base
+model, compared in full (``HuggingFaceTB/SmolLM2-135M`` is not ``...-135M-Instruct``). The files are read once, into memory: the
 bytes that were checked are the bytes that get written and hashed. The library policy
 (one set of target modules and one rank, unless mixing is allowed) is a pure function
 of ``library.json`` and the inspected adapter.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -30,6 +34,20 @@ from lorashelf.library.factors import (
 )
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# Largest accepted Frobenius norm of one module's update scale * B @ A. Base weights of
+# LLM linear layers have norms of about 10-100 and trained LoRA updates of about 0.1-10;
+# an update 10^4 times larger than any weight can only destroy the model (its
+# activations overflow fp16 and bf16 soon after). The bound is loose on purpose.
+MAX_UPDATE_NORM = 1e6
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "r": (int,),
+    "lora_alpha": (int, float),
+    "target_modules": (list, str, type(None)),
+    "rank_pattern": (dict, type(None)),
+    "alpha_pattern": (dict, type(None)),
+    "base_model_name_or_path": (str, type(None)),
+    "use_rslora": (bool, type(None)),
+}
 
 
 @dataclass(frozen=True)
@@ -72,21 +90,75 @@ def read_adapter(src: Path, what: str) -> Adapter:
         )
         raise LorashelfError(f"{what}: {src} has no {WEIGHTS_FILE}; {hint}")
     files = {name: (src / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
-    try:
-        config = json.loads(files[CONFIG_FILE])
-    except ValueError as e:
-        raise LorashelfError(f"{what}: {src / CONFIG_FILE} is not valid JSON ({e})") from None
+    config = read_config(files[CONFIG_FILE], src / CONFIG_FILE, what)
     check_plain_lora(config, what)
     state_dict = _load_safetensors(files[WEIGHTS_FILE], src / WEIGHTS_FILE, what)
     pairs = lora_pairs(state_dict, what)
-    for module, (a, _) in pairs.items():
-        module_scale(config, module, int(a.shape[0]))  # rank agrees with the config
     check_targets(config.get("target_modules"), list(pairs), what)
+    check_floating(state_dict, what)
     check_finite(state_dict, what)
+    for module, (a, b) in pairs.items():
+        scale = module_scale(config, module, int(a.shape[0]))  # rank agrees with the config
+        check_update_norm(module, a, b, scale, what)
     modules = {
         m: (int(a.shape[0]), int(a.shape[1]), int(b.shape[0])) for m, (a, b) in pairs.items()
     }
     return Adapter(config, files, config.get("base_model_name_or_path") or None, modules)
+
+
+def read_config(data: bytes, path: Path, what: str) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict whose fields lorashelf reads have their types."""
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LorashelfError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LorashelfError(
+            f"{what}: {path} holds a JSON {type(config).__name__}, not an object; "
+            "re-save the adapter with save_pretrained(dir)"
+        )
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        bad_bool = isinstance(value, bool) and bool not in types
+        if key in config and (bad_bool or not isinstance(value, types)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise LorashelfError(
+                f"{what}: {path} field {key!r} must be {names}, not {value!r}; fix the config"
+            )
+    if "r" in config and config["r"] < 1:
+        raise LorashelfError(f"{what}: {path} has rank r={config['r']}; it must be at least 1")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (config.get(key) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise LorashelfError(
+                    f"{what}: {path} {key}[{pattern!r}] must be a positive number, not {value!r}"
+                )
+    return config
+
+
+def check_floating(state_dict: Mapping[str, Any], what: str) -> None:
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise LorashelfError(
+                f"{what}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                "but LoRA weights are floating point; re-save the adapter from a trained model"
+            )
+
+
+def check_update_norm(module: str, a: Any, b: Any, scale: float, what: str) -> None:
+    """``||scale * B @ A||_F``, computed in float64 without forming ``B @ A``, is sane."""
+    import torch
+
+    a64, b64 = a.double(), b.double()
+    # ||B A||_F^2 = trace((B^T B)(A A^T)): two r x r products, cheap for any module size
+    sq = float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp(min=0.0))
+    norm = abs(scale) * math.sqrt(sq)
+    if not math.isfinite(norm) or norm > MAX_UPDATE_NORM:
+        raise LorashelfError(
+            f"{what}: the update of {module} has norm {norm:.3g} (scale lora_alpha/r = "
+            f"{scale:.3g}); anything above {MAX_UPDATE_NORM:g} makes the model output inf/NaN. "
+            "Check lora_alpha in adapter_config.json, or retrain with a lower learning rate"
+        )
 
 
 class _Header(NamedTuple):
@@ -155,8 +227,16 @@ def check_finite(state_dict: Mapping[str, Any], what: str) -> None:
             )
 
 
-def check_base(adapter_base: str | None, caller_base: str | None, library_base: str, what: str):
-    """The exact base the adapter was made on; it must be the library's (alias-aware)."""
+def check_base(
+    adapter_base: str | None,
+    caller_base: str | None,
+    library_base: str,
+    what: str,
+    *,
+    allow_base: bool = False,
+) -> str:
+    """The exact base the adapter was made on; it must be the library's (its full id,
+    alias-aware), unless ``allow_base`` (the caller vouches the weights fit)."""
     from lorashelf.models import same_base
 
     if adapter_base and caller_base and not same_base(adapter_base, caller_base):
@@ -165,6 +245,8 @@ def check_base(adapter_base: str | None, caller_base: str | None, library_base: 
             f"{caller_base!r}; fix one of them"
         )
     base = caller_base or adapter_base
+    if allow_base:
+        return base or library_base
     if not base:
         raise LorashelfError(
             f"{what} does not name its base model (base_model_name_or_path is empty in "
@@ -173,7 +255,8 @@ def check_base(adapter_base: str | None, caller_base: str | None, library_base: 
     if not same_base(base, library_base):
         raise LorashelfError(
             f"{what} was trained on {base!r} but the library is for {library_base!r}; add it "
-            f"to a library for its base (`lorashelf library init DIR --base {base}`)"
+            f"to a library for its base (`lorashelf library init DIR --base {base}`), or pass "
+            "--allow-base (allow_base=True) if it was trained on this library's model"
         )
     return base
 

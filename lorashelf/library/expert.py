@@ -147,7 +147,13 @@ class Expert:
             return [Problem("corrupt", self.name, f"{self.path / CARD_FILE} is unreadable: {e}")]
         out = []
         if disk_card != self.card:
-            out.append(Problem("index", self.name, "index row differs from card.json; reopen"))
+            out.append(
+                Problem(
+                    "index",
+                    self.name,
+                    "index row differs from card.json; `library verify --repair` re-reads it",
+                )
+            )
         files = disk_card.get("files", {})
         for required in (CONFIG_FILE, WEIGHTS_FILE):
             if required not in files:

@@ -14,7 +14,6 @@ LoraHub and merges all start from it. Variants whose update is not ``scale * B @
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -216,10 +215,19 @@ def read_lora_factors(
             f"{path} has no {WEIGHTS_FILE}; a PEFT adapter dir is needed "
             "(save it with save_pretrained(..., safe_serialization=True))"
         )
-    if config is None:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    state_dict = load_file(str(weights))
     what = f"adapter {str(path)!r}"
+    if config is None:
+        from lorashelf.library.adapter import read_config  # adapter.py imports this module
+
+        if not (path / CONFIG_FILE).is_file():
+            raise LorashelfError(f"{path} has no {CONFIG_FILE}; a PEFT adapter dir is needed")
+        config = read_config((path / CONFIG_FILE).read_bytes(), path / CONFIG_FILE, what)
+    try:
+        state_dict = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise LorashelfError(
+            f"{what}: {weights} is not a readable safetensors file ({e})"
+        ) from None
     return factors_from_state_dict(state_dict, config, device=device, dtype=dtype, what=what)
 
 

@@ -6,8 +6,9 @@ never block the writer) with a busy timeout, so several processes can add expert
 once: each takes SQLite's write lock (``BEGIN IMMEDIATE``) only for the short commit of
 an add or remove, and that lock doubles as the library's writer mutex. Each row
 remembers the inode of its expert directory, so a directory replaced behind the
-index's back is noticed on open without reading any card. A read-only library gets an
-in-memory index built from its directories.
+index's back is noticed on open without reading any card. Readers open the file
+read-only (``mode=ro``; ``immutable=1`` on read-only media) and never change it; when
+it is missing, damaged or stale they read an in-memory copy reconciled with the dirs.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def expert_row(
 class Index:
     """A connection to the index with the few queries the store needs."""
 
-    def __init__(self, path: Path | None, busy_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, path: Path | None, busy_timeout_s: float = 120.0, *, readonly: bool = False
+    ) -> None:
         self.path = path  # None: in memory
+        self.readonly = readonly or path is None
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.RLock()
         self._pid = -1
@@ -95,13 +99,31 @@ class Index:
                 self._pid = os.getpid()
             return self._conn
 
+    @property
+    def on_disk(self) -> bool:
+        """True for the library's index file opened for writing."""
+        return self.path is not None and not self.readonly
+
     def _connect(self) -> sqlite3.Connection:
-        target = ":memory:" if self.path is None else str(self.path)
+        if self.path is None:
+            target, uri = ":memory:", False
+        elif self.readonly:
+            # immutable: no -shm/-wal is created, so read-only media work too
+            mode = "mode=ro" if os.access(self.path.parent, os.W_OK) else "immutable=1"
+            target, uri = f"{self.path.resolve().as_uri()}?{mode}", True
+        else:
+            target, uri = str(self.path), False
         conn = sqlite3.connect(
-            target, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            target,
+            timeout=self.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=uri,
         )
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        if self.path is not None and self.readonly:
+            return conn  # the caller checks the schema version (schema_ok)
         if self.path is not None:
             conn.execute("PRAGMA journal_mode = WAL")
             # the index is rebuildable from the expert dirs, so WAL's NORMAL is enough
@@ -208,6 +230,20 @@ class Index:
             cur = self.conn.execute(f"SELECT * FROM experts {where} ORDER BY name", params)
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def schema_ok(self) -> bool:
+        with self._lock:
+            try:
+                return _schema_version(self.conn) == SCHEMA_VERSION
+            except sqlite3.OperationalError:
+                return False
+
+    def copy_to_memory(self) -> Index:
+        """An in-memory index holding this one's rows (to reconcile without writing)."""
+        mem = Index(None)
+        with self._lock:
+            self.conn.backup(mem.conn)
+        return mem
 
     def quick_check(self) -> str:
         with self._lock:

@@ -95,7 +95,12 @@ def tmp_entries(root: Path) -> list[Path]:
 
 def needs_repair(root: Path, index: Index) -> bool:
     """A cheap check (no lock, no card read) for leftovers or an index/disk mismatch."""
-    return bool(tmp_entries(root)) or disk_experts(root) != index.inodes()
+    return bool(tmp_entries(root)) or not index_matches(root, index)
+
+
+def index_matches(root: Path, index: Index) -> bool:
+    """The index rows name exactly the expert dirs, with their inodes (no card read)."""
+    return disk_experts(root) == index.inodes()
 
 
 def row_from_disk(root: Path, name: str, inode: int | None) -> dict[str, Any]:
@@ -111,6 +116,17 @@ def row_from_disk(root: Path, name: str, inode: int | None) -> dict[str, Any]:
         raise LorashelfError(f"{path / CARD_FILE} names another expert ({card.get('name')!r})")
     modules = modules_from_header(path / WEIGHTS_FILE, f"expert {name!r}")
     return expert_row(card, modules, inode)
+
+
+def displaced_experts(root: Path, rows: dict[str, int | None]) -> dict[str, Path]:
+    """``{name: .tmp/replaced--...}`` for overwrites that never committed (see clean_tmp)."""
+    out = {}
+    for entry in tmp_entries(root):
+        if entry.name.startswith(REPLACED):
+            name = displaced_name(entry, REPLACED)
+            if not (root / EXPERTS / name).exists() and rows.get(name) == entry.stat().st_ino:
+                out[name] = entry
+    return out
 
 
 def clean_tmp(root: Path, index: Index, repair: Repair) -> None:
@@ -137,10 +153,20 @@ def clean_tmp(root: Path, index: Index, repair: Repair) -> None:
             remove_if_dead(entry)
 
 
-def reconcile(root: Path, index: Index, repair: Repair) -> None:
-    """Make the index rows match the expert dirs (by name and inode)."""
+def reconcile(root: Path, index: Index, repair: Repair, *, in_memory: bool = False) -> None:
+    """Make the index rows match the expert dirs (by name and inode).
+
+    ``in_memory`` (a reader's copy; nothing on disk may change): an expert that a
+    crashed overwrite left displaced in ``.tmp`` stays listed, read from where it lies.
+    """
     disk = disk_experts(root)
     rows = index.inodes()
+    if in_memory:
+        for name, path in displaced_experts(root, rows).items():
+            row = index.row(name)
+            if row is not None:
+                index.upsert(row | {"path": str(path.relative_to(root))})
+                rows.pop(name)
     for name in sorted(rows.keys() - disk.keys()):
         index.delete(name)
         repair.dropped.append(name)
@@ -169,9 +195,13 @@ def repair_library(root: Path, index: Index, *, clean: bool = True) -> Repair:
         log.warning(
             "library %s: index reconciled with the expert dirs (%s)", root, repair.summary()
         )
-        for name, why in sorted(repair.skipped.items()):
-            log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+    log_skipped(root, repair)
     return repair
+
+
+def log_skipped(root: Path, repair: Repair) -> None:
+    for name, why in sorted(repair.skipped.items()):
+        log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
 
 
 def rebuild(root: Path, index: Index) -> None:
@@ -181,8 +211,7 @@ def rebuild(root: Path, index: Index) -> None:
         clean_tmp(root, index, repair)
         index.clear()
         reconcile(root, index, repair)
-    for name, why in sorted(repair.skipped.items()):
-        log.warning("library %s: experts/%s is not a valid expert: %s", root, name, why)
+    log_skipped(root, repair)
 
 
 def find_problems(
@@ -197,13 +226,16 @@ def find_problems(
     for name in sorted(disk.keys() - rows.keys()):
         try:
             row_from_disk(root, name, disk[name])
-            why = "has no index row; reopen the library to index it"
+            why = "has no index row; `lorashelf library verify --repair` indexes it"
         except (LorashelfError, OSError, ValueError, KeyError) as e:
             why = f"is not a valid expert ({e}); remove experts/{name}"
         problems.append(Problem("invalid", name, why))
-    for name in sorted(rows.keys() - disk.keys()):
+    all_rows = index.select()
+    # a reader's copy lists an expert a crashed overwrite displaced at its .tmp path
+    displaced = {r["name"] for r in all_rows if r["path"] != f"{EXPERTS}/{r['name']}"}
+    for name in sorted(rows.keys() - disk.keys() - displaced):
         problems.append(Problem("missing", name, f"is indexed but experts/{name} is missing"))
-    experts = [Expert(root, r) for r in index.select() if r["name"] in disk]
+    experts = [Expert(root, r) for r in all_rows if r["name"] in disk or r["name"] in displaced]
     if progress:
         from tqdm import tqdm
 

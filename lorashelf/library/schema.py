@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +110,13 @@ def check_caller_card(card: Mapping[str, Any]) -> dict[str, Any]:
         if key in out and (not isinstance(value, types) or isinstance(value, bool)):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise LorashelfError(f"card field {key!r} must be {names}, not {value!r}")
+    for key in ("train_loss", "valid_loss"):
+        value = out.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LorashelfError(
+                f"training diverged: the {key.replace('_', ' ')} is {value}; lower the "
+                "learning rate (--lr) or train in fp32 (--dtype fp32)"
+            )
     try:
         json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -184,3 +192,21 @@ def read_library_meta(root: Path) -> dict[str, Any]:
             f"reads ({FORMAT_VERSION}); upgrade lorashelf"
         )
     return meta
+
+
+def owning_library(path: str | Path) -> Path | None:
+    """The library directory ``path`` lies in (or is), or None.
+
+    Outputs of other commands (a clusters JSON, a merged adapter, results) must never
+    land inside a library: they would replace its ``library.json``, index or experts.
+    """
+    here = Path(path).expanduser().resolve()
+    for parent in (here, *here.parents):
+        meta = parent / LIBRARY_FILE
+        if meta.is_file():
+            try:
+                if json.loads(meta.read_text()).get("format") == LIBRARY_FORMAT:
+                    return parent
+            except (OSError, ValueError, AttributeError):
+                continue
+    return None

@@ -5,13 +5,14 @@ Layout (readable without lorashelf)::
     DIR/library.json          format version, base model, target modules, rank policy
     DIR/experts/<name>/       adapter_config.json + adapter_model.safetensors + card.json
     DIR/index.sqlite          one row per expert (a rebuildable cache of the cards)
-    DIR/.tmp/                 staging; leftovers of dead writers are cleaned on open
+    DIR/.tmp/                 staging; dead writers' leftovers go at the next write
 
 An add checks the adapter (nothing is written if it fails), stages its files in
 ``.tmp/<id>`` (fsynced), then, holding the index's write lock, moves the dir into
 ``experts/<name>`` with one ``os.rename`` and commits the index row last. A crash at
 any point leaves the old state or the new one; :mod:`lorashelf.library.recover` puts
-the index back in line on the next open. Reading is lazy: opening a library of 10,000
+the index back in line at the next write (readers see a reconciled in-memory copy and
+never write: a library on read-only media works). Reading is lazy: opening a library of 10,000
 experts reads one SQLite file and lists one directory.
 """
 
@@ -22,12 +23,13 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lorashelf.config import write_json_atomic
 from lorashelf.errors import LorashelfError, did_you_mean
-from lorashelf.library import recover
+from lorashelf.library import derived, recover
 from lorashelf.library.adapter import Adapter, apply_policy, check_base, read_adapter
 from lorashelf.library.expert import Expert, Problem
 from lorashelf.library.fsutil import fsync_dir, make_staging_dir, remove_tree, unlock_dir
@@ -47,6 +49,14 @@ from lorashelf.library.schema import (
     sha256_hex,
     utc_now,
 )
+from lorashelf.library.shapes import (
+    FROM_BASE,
+    SHAPES_KEY,
+    SOURCE_KEY,
+    check_shapes,
+    record_shapes,
+    shapes_from_base_config,
+)
 
 log = logging.getLogger("lorashelf.library")
 INDEX_FILE = "index.sqlite"
@@ -60,7 +70,7 @@ class Library:
         self.meta = meta
         self._index = index
         self._fsync = fsync
-        self._writable = index.path is not None
+        self.index_problem: str | None = None  # why reads do not come from index.sqlite
         self._versions: dict[str, str | None] | None = None
 
     # ------------------------------------------------------------------ opening
@@ -75,24 +85,40 @@ class Library:
         rank: int | None = None,
         allow_mixed: bool = False,
         fsync: bool = True,
+        base_config: str | os.PathLike[str] | None = None,
     ) -> Library:
         """Open the library at ``path`` (``create=True`` makes it, given ``base_model``).
 
         ``base_model``/``target_modules`` given for an existing library must match it.
         ``fsync=False`` skips fsync calls (faster bulk writes, not power-cut safe).
+        ``base_config`` (a transformers model dir or config.json) lets a new library
+        record the base model's module shapes; a local ``base_model`` dir is used too.
+        Opening never writes: the first write takes the write lock and repairs the index.
         """
         root = Path(path)
         if create and not (root / LIBRARY_FILE).exists():
-            _create(root, base_model, target_modules, rank, allow_mixed)
+            _create(root, base_model, target_modules, rank, allow_mixed, base_config)
         meta = read_library_meta(root)
         _check_matches(root, meta, base_model, target_modules)
-        lib = cls(root, meta, _open_index(root), fsync=fsync)
-        lib._repair_if_needed()
+        index, problem = _read_index(root)
+        lib = cls(root, meta, index, fsync=fsync)
+        lib.index_problem = problem
         return lib
 
-    def _repair_if_needed(self) -> None:
-        if recover.needs_repair(self.path, self._index):
-            recover.repair_library(self.path, self._index, clean=self._writable)
+    def _writer(self) -> None:
+        """Before a write: the index file, opened for writing and reconciled on disk."""
+        if not self._index.on_disk:
+            self.repair()
+
+    def repair(self) -> recover.Repair:
+        """Take the write lock and bring the index file and ``.tmp`` in line with the
+        expert dirs (what the first write does anyway); returns what changed."""
+        self._require_writable()
+        if not self._index.on_disk:
+            self._index.close()
+            self._index = _open_index_file(self.path)
+            self.index_problem = None
+        return recover.repair_library(self.path, self._index, clean=True)
 
     def close(self) -> None:
         self._index.close()
@@ -167,22 +193,28 @@ class Library:
         *,
         overwrite: bool = False,
         allow_mixed: bool = False,
+        allow_base: bool = False,
     ) -> Expert:
         """Copy the PEFT adapter dir ``src`` into the library as expert ``name``.
 
         ``card`` fields (tasks, training, losses, source, ...) go into the card; the
         library fills base_model, files, versions (unless given) and created. Raises
         before writing anything if the adapter is not a plain, finite LoRA for this
-        base model with the library's target modules and rank (unless ``allow_mixed``).
+        base model with the library's target modules and rank (unless ``allow_mixed``),
+        whose module shapes fit the base model's. ``allow_base`` accepts an adapter that
+        names another base model (its shapes are still checked).
         """
-        self._require_writable()
+        self._writer()
         caller = check_caller_card(card or {})
         name = _pick_name(Path(src), name, caller)
         what = f"adapter {name!r}"
         adapter = read_adapter(Path(src), what)
         claimed = caller.get("base_model_exact") or caller.get("base_model")
-        base_exact = check_base(adapter.base_model_exact, claimed, self.base_model, what)
+        base_exact = check_base(
+            adapter.base_model_exact, claimed, self.base_model, what, allow_base=allow_base
+        )
         apply_policy(self.meta, adapter, what, allow_mixed)  # fail before staging anything
+        check_shapes(self.meta, adapter.modules, what)
         if self._versions is None:
             self._versions = current_versions()
         files = {fn: sha256_hex(data) for fn, data in adapter.files.items()}
@@ -224,6 +256,8 @@ class Library:
         name = card["name"]
         meta = read_library_meta(self.path)  # another process may have changed the policy
         new_meta = apply_policy(meta, adapter, f"adapter {name!r}", allow_mixed)
+        check_shapes(meta, adapter.modules, f"adapter {name!r}")
+        new_meta = record_shapes(new_meta, adapter.modules, name)
         dest = self.path / EXPERTS / name
         clash = self._index.same_name_any_case(name)
         if clash is not None and clash != name:
@@ -260,7 +294,7 @@ class Library:
         The rename is the commit point: a crash after it leaves a row without a dir,
         which the next open drops (the expert is gone, as asked).
         """
-        self._require_writable()
+        self._writer()
         trash = None
         with self._index.write():
             if self._index.row(name) is None:
@@ -282,20 +316,47 @@ class Library:
             remove_tree(trash)
 
     def _require_writable(self) -> None:
-        if not self._writable:
+        if not _writable(self.path):
             raise LorashelfError(f"library {self.path} is read-only here; copy it to change it")
 
     # ------------------------------------------------------------------ checking
     def verify(self, progress: bool = False) -> list[Problem]:
-        """Every problem found: corrupt or missing files, index/disk mismatches."""
-        self._repair_if_needed()
-        return recover.find_problems(self.path, self._index, self.base_model, progress=progress)
+        """Every problem found: corrupt or missing files, index/disk mismatches,
+        damaged derived files (Arrow prototypes, PHATGOOSE gates). Writes nothing."""
+        problems = []
+        if self.index_problem is not None:
+            fix = f"`lorashelf library verify {self.path} --repair` rebuilds it"
+            problems.append(Problem("index", None, f"{self.index_problem}; {fix}"))
+        problems += recover.find_problems(
+            self.path, self._index, self.base_model, progress=progress
+        )
+        return problems + derived.find_problems(self.path)
 
     def rebuild_index(self) -> int:
-        """Rebuild the index from the expert dirs; returns the number of experts."""
+        """Rebuild the index from the expert dirs and drop damaged derived files (they
+        are recomputed on use); returns the number of experts."""
         self._require_writable()
+        self._index.close()
+        self._index = _open_index_file(self.path)
+        self.index_problem = None
         recover.rebuild(self.path, self._index)
+        derived.remove_damaged(self.path)
         return len(self)
+
+    @contextmanager
+    def staging_dir(self, prefix: str = "work--") -> Iterator[Path]:
+        """A scratch dir in ``.tmp`` for a writer's intermediate files (e.g. training).
+
+        It holds an advisory lock while in use, so a writer killed by SIGKILL leaves a
+        dir that the next write to the library deletes; it is deleted on exit.
+        """
+        self._writer()
+        staged, lock_fd = make_staging_dir(self.path / TMP, prefix)
+        try:
+            yield staged
+        finally:
+            unlock_dir(lock_fd)
+            remove_tree(staged)
 
 
 def _pick_name(src: Path, name: str | None, caller: Mapping[str, Any]) -> str:
@@ -315,6 +376,7 @@ def _create(
     target_modules: list[str] | None,
     rank: int | None,
     allow_mixed: bool,
+    base_config: str | os.PathLike[str] | None,
 ) -> None:
     from lorashelf.models import canonical_id
 
@@ -323,11 +385,19 @@ def _create(
             f"creating a library at {root} needs its base model: pass base_model= "
             "(`lorashelf library init DIR --base MODEL`)"
         )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise LorashelfError(f"a library's LoRA rank must be a positive integer, not {rank!r}")
+    if target_modules is not None and not all(isinstance(t, str) and t for t in target_modules):
+        raise LorashelfError(f"target modules must be module names, not {target_modules!r}")
+    config = base_config if base_config is not None else base_model
+    shapes = shapes_from_base_config(Path(config)) if Path(config).exists() else None
     (root / EXPERTS).mkdir(parents=True, exist_ok=True)
     (root / TMP).mkdir(exist_ok=True)
     meta = new_library_meta(
         canonical_id(base_model), target_modules=target_modules, rank=rank, allow_mixed=allow_mixed
     )
+    if shapes is not None:
+        meta.update({SHAPES_KEY: shapes, SOURCE_KEY: FROM_BASE})
     tmp = root / f".{LIBRARY_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
     write_json_atomic(tmp, meta)
     try:
@@ -336,6 +406,7 @@ def _create(
         pass
     finally:
         tmp.unlink()
+    _open_index_file(root).close()
     fsync_dir(root)
 
 
@@ -357,35 +428,64 @@ def _check_matches(
         )
 
 
-def _open_index(root: Path) -> Index:
-    """The file index (created, or rebuilt if unreadable), or an in-memory one if read-only."""
-    if not os.access(root, os.W_OK) or not os.access(root / EXPERTS, os.W_OK):
-        index = Index(None)
-        index.conn  # noqa: B018 - connect now
-        return index
+def _writable(root: Path) -> bool:
+    return os.access(root, os.W_OK) and os.access(root / EXPERTS, os.W_OK)
+
+
+def _read_index(root: Path) -> tuple[Index, str | None]:
+    """The index readers use, and why it is not ``index.sqlite`` as is (or None).
+
+    ``index.sqlite`` opened read-only when it is sound and matches the expert dirs;
+    otherwise an in-memory index reconciled with them (from the file's rows when they
+    are readable, so only changed experts are re-read). Nothing on disk changes.
+    """
     path = root / INDEX_FILE
-    existed = path.exists()
-    index = Index(path)
+    if not path.exists():
+        problem = f"{INDEX_FILE} is missing" if recover.disk_experts(root) else None
+        return _in_memory(root, None), problem
+    index = Index(path, readonly=True)
     try:
-        index.conn  # noqa: B018 - connect now, so corruption shows here
+        if not index.schema_ok():
+            index.close()
+            return _in_memory(root, None), f"{INDEX_FILE} is from another lorashelf version"
+        if (qc := index.quick_check()) != "ok":
+            raise sqlite3.DatabaseError(qc.splitlines()[0])
+        if not recover.index_matches(root, index):
+            mem = index.copy_to_memory()
+            index.close()
+            return _in_memory(root, mem), None  # a writer's next open writes it back
     except sqlite3.DatabaseError as e:
         index.close()
-        aside = path.with_name(f"{INDEX_FILE}.corrupt-{utc_now().replace(':', '')}")
-        os.replace(path, aside)
-        for suffix in ("-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        log.warning(
-            "library %s: %s was unreadable (%s); moved to %s, rebuilding",
-            root,
-            INDEX_FILE,
-            e,
-            aside.name,
-        )  # noqa: E501
-        index = Index(path)
-        index.conn  # noqa: B018
-    else:
-        if not existed and recover.disk_experts(root):
-            log.warning(
-                "library %s: %s was missing; rebuilding it from the expert dirs", root, INDEX_FILE
-            )  # noqa: E501
+        log.warning("library %s: %s is damaged (%s); reading the expert dirs", root, INDEX_FILE, e)
+        return _in_memory(root, None), f"{INDEX_FILE} is damaged ({e})"
+    return index, None
+
+
+def _in_memory(root: Path, index: Index | None) -> Index:
+    index = index or Index(None)
+    repair = recover.Repair()
+    with index.write():
+        recover.reconcile(root, index, repair, in_memory=True)
+    recover.log_skipped(root, repair)
+    return index
+
+
+def _open_index_file(root: Path) -> Index:
+    """``index.sqlite`` for writing; a damaged one is moved aside first, so the
+    caller's reconcile refills a fresh one from the expert dirs."""
+    path = root / INDEX_FILE
+    index = Index(path)
+    try:
+        if not path.exists() or index.quick_check() == "ok":
+            return index  # a sound file is never replaced: other writers may hold it open
+    except sqlite3.DatabaseError:
+        pass
+    index.close()
+    aside = path.with_name(f"{INDEX_FILE}.corrupt-{utc_now().replace(':', '')}")
+    os.replace(path, aside)
+    log.warning("library %s: %s was damaged; moved to %s", root, INDEX_FILE, aside.name)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    index = Index(path)
+    index.conn  # noqa: B018 - connect now
     return index

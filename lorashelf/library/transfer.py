@@ -92,13 +92,16 @@ def import_adapter(
     revision: str | None = None,
     overwrite: bool = False,
     allow_mixed: bool = False,
+    allow_base: bool = False,
 ) -> Expert:
     """Add the adapter at ``src`` (dir or hub repo id) to ``lib`` with source "import"."""
     path, origin = resolve_source(src, revision=revision)
     fields = {"source": "import", "origin": origin, **dict(card or {})}
     if name is None and not fields.get("name"):
         name = safe_name(src) if origin["type"] == "hub" else None
-    return lib.add(path, name, fields, overwrite=overwrite, allow_mixed=allow_mixed)
+    return lib.add(
+        path, name, fields, overwrite=overwrite, allow_mixed=allow_mixed, allow_base=allow_base
+    )
 
 
 def import_all(

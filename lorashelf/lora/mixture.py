@@ -14,7 +14,10 @@ r-dim projection, which is weighted and sent through one ``d_out x (E*r)`` matmu
 only the chosen experts' factors per token instead ("gather"); ``auto`` picks by the
 crossover measured in bench/arrow_forward.py. Fixed weights that need no gradient
 are folded into the factors of the experts with a nonzero weight (once per
-``set_weights``), so an oracle's one-hot weights cost one expert. ``mix="params"``
+``set_weights``), so an oracle's one-hot weights cost one expert. The state all layers
+of one attachment share is :class:`lorashelf.lora.state.MixtureState`; a kernel for
+per-sequence parameter mixing (one LoraHub candidate per row) can be chosen at attach
+time (lorashelf.compose.population). ``mix="params"``
 mixes the factors instead of the outputs, as mttl does (``B_mix A_mix x`` with
 ``A_mix = sum w_e A_e``, ``B_mix = sum w_e scale_e B_e``), computed without forming
 per-token mixed matrices.
@@ -27,9 +30,8 @@ fastest choice; ``torch.float32`` reproduces PEFT's numerics on a bf16 model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from torch import nn
 from lorashelf.errors import LorashelfError
 from lorashelf.lora.router import Router
 from lorashelf.lora.stack import Experts, ExpertStack, check_experts, stack_experts
+from lorashelf.lora.state import MixtureState
 
 MIXES = ("output", "params")
 STRATEGIES = ("auto", "dense", "gather")
@@ -49,59 +52,12 @@ GATHER_EXPERTS_PER_K = 192
 
 
 @dataclass
-class MixtureState:
-    """What all layers of one attachment share: the weights or routing, and a recorder."""
+class FoldCache:
+    """Fixed weights folded into the factors of the experts that have a nonzero weight."""
 
-    n_experts: int
-    mix: str = "output"
-    strategy: str = "auto"
-    weights: torch.Tensor | None = None  # (E,) or (batch, E)
-    routed: bool = False
-    recorder: Any = None  # lorashelf.route.stats.Recorder while recording
-    lora_dtype: torch.dtype | None = None  # LoRA-branch precision; None = activations'
-    version: int = 0  # bumped by every set_weights/set_routers (invalidates layer caches)
-    _groups: tuple | None = None
-    _cast: tuple | None = None  # (input, its _version, it in lora_dtype): see cast()
-
-    def cast(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in ``lora_dtype``, cast once for all the layers that read the same
-        tensor (a transformer's q, k and v projections)."""
-        if x.dtype == self.lora_dtype:
-            return x
-        c = self._cast
-        if c is None or c[0] is not x or c[1] != x._version:
-            c = self._cast = (x, x._version, x.to(self.lora_dtype))
-        return c[2]
-
-    def row_groups(self, device: torch.device) -> tuple[list[Any], list[int]]:
-        """For per-sequence weights: the rows of each group of identical weight rows (a
-        slice when contiguous, as a candidate's shots are, else an index tensor) and the
-        first row of each group; computed once per ``set_weights``."""
-        w = self.weights
-        assert w is not None and w.dim() == 2
-        key = (self.version, w._version, str(device))
-        if self._groups is None or self._groups[0] != key:
-            _, inverse = torch.unique(w.detach().cpu(), dim=0, return_inverse=True)
-            groups: dict[int, list[int]] = {}
-            for i, g in enumerate(inverse.tolist()):
-                groups.setdefault(g, []).append(i)
-            spans, first = [], []
-            for rows in sorted(groups.values()):  # in order of first appearance
-                contiguous = rows[-1] - rows[0] + 1 == len(rows)
-                spans.append(
-                    slice(rows[0], rows[-1] + 1)
-                    if contiguous
-                    else torch.tensor(rows, device=device)
-                )
-                first.append(rows[0])
-            self._groups = (key, spans, first, w.detach()[first].clone())
-        return self._groups[1], self._groups[2]
-
-    def distinct_rows(self) -> torch.Tensor:
-        """The distinct weight rows, in the order of :meth:`row_groups`' groups (call
-        that first)."""
-        assert self._groups is not None
-        return self._groups[3]
+    key: tuple
+    A: torch.Tensor | None
+    B: torch.Tensor | None
 
 
 class MixtureLinear(nn.Module):
@@ -130,8 +86,7 @@ class MixtureLinear(nn.Module):
         members = torch.tensor(stack.members, dtype=torch.long)
         self.register_buffer("members", members.to(w.device), False)
         self.complete = list(stack.members) == list(range(state.n_experts))
-        self._folded: tuple[tuple, torch.Tensor | None, torch.Tensor | None] | None = None
-        self._mix_cache: tuple | None = None  # (distinct weight rows, key, factors)
+        self._folded: FoldCache | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -154,8 +109,8 @@ class MixtureLinear(nn.Module):
                 if A is None:
                     return y
                 return (y + nn.functional.linear(nn.functional.linear(x, A), B)).to(y.dtype)
-            if w.dim() > 1 and st.mix == "params" and x.dim() > 1:
-                return self._per_sequence_params(x, w.to(x.dtype), y)
+            if w.dim() > 1 and st.mix == "params" and x.dim() > 1 and st.per_sequence:
+                return st.per_sequence(self, x, w.to(x.dtype), y)
         else:
             raise LorashelfError(
                 "the mixture has no weights: call set_weights(...) or set_routers(...) first"
@@ -186,7 +141,7 @@ class MixtureLinear(nn.Module):
         # in-place edits of the weights bump their _version; moving or casting the model
         # gives the buffers new storage
         key = (self.state.version, self.state.weights._version, self.A_all.data_ptr(), dtype)
-        if self._folded is None or self._folded[0] != key:
+        if self._folded is None or self._folded.key != key:
             e, r = self.n_local, self.rank
             A = self.A_all.view(e, r, -1)
             B = self.B_all.view(-1, e, r)
@@ -199,65 +154,8 @@ class MixtureLinear(nn.Module):
             else:
                 a = torch.einsum("e,erd->rd", wk, A[keep].float())
                 folded = a, torch.einsum("e,oer->or", wk, B[:, keep].float())
-            self._folded = (key, *(t if t is None else t.to(dtype) for t in folded))
-        return self._folded[1], self._folded[2]
-
-    def _per_sequence_params(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
-        """``y`` plus the params mix with one weight row per sequence: each row's factors
-        are mixed first (``A_b = sum_e w_be A_e``, rank r) and applied, so the LoRA
-        branch costs rank r per token instead of E*r (a LoraHub population).
-
-        Sequences with the same weight row (a candidate's shots) go through one 2-D
-        matmul per distinct row. Each candidate's product then has the same shape
-        however many candidates share the batch, so its result does not depend on them
-        (a batched matmul's kernel choice does, which bf16 models amplify). Without
-        autograd the sum is written into ``y`` in place, rounded once to its dtype."""
-        spans, first = self.state.row_groups(x.device)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        in_place = not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        y3 = y.reshape(*x3.shape[:2], y.shape[-1])
-        out = (
-            y3 if in_place else y3.new_empty(y3.shape, dtype=torch.promote_types(y.dtype, x.dtype))
-        )
-        factors = self._mixed(w, first, x.dtype)
-        for (a, b), rows in zip(factors, spans):
-            delta = (x3[rows].flatten(0, 1) @ a.T @ b.T).view(-1, *y3.shape[1:])
-            if not in_place:
-                out[rows] = y3[rows] + delta
-            elif isinstance(rows, slice):
-                out[rows].add_(delta)  # computed in float32 when delta is, rounded once
-            else:
-                out[rows] = (y3[rows] + delta).to(y.dtype)
-        return out.to(y.dtype).reshape(y.shape)
-
-    def _mixed(self, w: torch.Tensor, first: list[int], dtype: torch.dtype) -> list[tuple]:
-        """Each weight group's mixed factors ``(sum_e w_e A_e, sum_e w_e scale_e B_e)``.
-        Without autograd they are cached by the distinct rows' values, so a population
-        scored in two passes (a shared prompt prefix, then the rest of the shots) mixes
-        its factors once."""
-        e, r = self.n_local, self.rank
-        cacheable = not w.requires_grad
-        if cacheable:
-            rows = self.state.distinct_rows()
-            key = (dtype, self.A_all.data_ptr(), self.B_all.data_ptr())
-            c = self._mix_cache
-            if (
-                c is not None
-                and c[1] == key
-                and c[0].shape == rows.shape
-                and torch.equal(c[0], rows)
-            ):
-                return c[2]
-        wb = w.reshape(w.shape[0], e)
-        A = self.A_all.to(dtype).view(e, r, -1)
-        B = self.B_all.to(dtype).view(-1, e, r)
-        factors = [
-            (torch.einsum("e,erd->rd", wb[i], A), torch.einsum("e,oer->or", wb[i], B))
-            for i in first
-        ]
-        if cacheable:
-            self._mix_cache = (rows, key, factors)
-        return factors
+            self._folded = FoldCache(key, *(t if t is None else t.to(dtype) for t in folded))
+        return self._folded.A, self._folded.B
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         e, r = self.n_local, self.rank
@@ -373,13 +271,16 @@ def attach(
     mix: str = "output",
     strategy: str = "auto",
     lora_dtype: torch.dtype | None = None,
+    per_sequence: Callable[..., torch.Tensor] | None = None,
 ) -> MixtureHandle:
     """Replace each module adapted by any expert with a :class:`MixtureLinear`, in place.
 
     ``experts`` is a list of ``(name, {module path: factors})`` with paths relative to
     ``model`` (e.g. ``model.layers.0.self_attn.q_proj`` for a ``*ForCausalLM``).
     Stacks live on each layer's device, in ``lora_dtype`` (None: the layer's dtype),
-    which is also the precision the LoRA branch computes in.
+    which is also the precision the LoRA branch computes in. ``per_sequence`` is a
+    kernel for per-sequence weights with ``mix="params"`` (LoraHub's population,
+    lorashelf.compose.population); without one the dense path computes them.
     """
     if lora_dtype is not None and not lora_dtype.is_floating_point:
         raise LorashelfError(f"lora_dtype must be a floating dtype, not {lora_dtype}")
@@ -390,7 +291,10 @@ def attach(
     names = check_experts(experts)
     stacks = stack_experts(experts)
     bases = {m: _find_linear(model, m, names, experts) for m in stacks}
-    state = MixtureState(n_experts=len(names), mix=mix, strategy=strategy, lora_dtype=lora_dtype)
+    state = MixtureState(
+        n_experts=len(names), mix=mix, strategy=strategy, lora_dtype=lora_dtype,
+        per_sequence=per_sequence,
+    )  # fmt: skip
     layers = {m: MixtureLinear(bases[m], stacks[m], state) for m in stacks}
     for m, layer in layers.items():
         parent, _, child = m.rpartition(".")

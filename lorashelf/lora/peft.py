@@ -135,7 +135,21 @@ def write_peft_adapter(
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     config.save_pretrained(str(out))
+    _sort_target_modules(out / CONFIG_FILE)
     return config.to_dict()
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set, so its saved order depends on the
+    process's hash seed; sorted, the same adapter gives the same bytes every time."""
+    import json
+
+    from lorashelf.config import write_json_atomic
+
+    doc = json.loads(path.read_text())
+    if isinstance(doc.get("target_modules"), list):
+        doc["target_modules"] = sorted(doc["target_modules"])
+        write_json_atomic(path, doc)
 
 
 def _cpu(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -22,8 +22,9 @@ from typing import Any
 from lorashelf.config import from_dict
 from lorashelf.errors import LorashelfError
 from lorashelf.library.factors import LoraFactors
-from lorashelf.merge.base import MERGES, Expert, MergeMethod
+from lorashelf.merge.base import Expert, MergeMethod
 from lorashelf.merge.merged import AppliedMerge, Merged
+from lorashelf.merge.registry import MERGES
 from lorashelf.merge.ties import TiesConfig
 from lorashelf.merge.uniform import UniformConfig, UniformDeltaConfig
 

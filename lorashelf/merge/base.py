@@ -1,8 +1,9 @@
 """The pieces every merge method shares: the ``MERGES`` registry, input checks, helpers.
 
 A merge method is one function ``fn(experts, config) -> Merged`` plus a frozen config
-dataclass, registered with :func:`merge_method`; adding one costs a module, a registry
-entry and a test row (mergekit's ``merge_methods`` layout). Experts arrive as
+dataclass, wrapped in a :class:`MergeMethod` and listed by name in
+:mod:`lorashelf.merge.registry`; adding one costs a module and a registry line
+(mergekit's ``merge_methods`` layout), and the contract tests cover it from there. Experts arrive as
 ``dict[module_path, LoraFactors]`` (``A [r, d_in]``, ``B [d_out, r]``, ``scale``), so
 each module's weight delta is ``scale * B @ A``. Checks here turn mismatched experts
 into :class:`LorashelfError` messages that name the offending modules.
@@ -19,34 +20,24 @@ from torch import Tensor
 
 from lorashelf.errors import LorashelfError
 from lorashelf.library.factors import LoraFactors
-from lorashelf.registry import Registry
 
 Expert = dict[str, LoraFactors]
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registry entry: the merge function and the config class it takes."""
+    """A merge method as its registry entry lists it: ``fn(experts, config, progress)
+    -> Merged`` and the frozen options dataclass it takes (its fields are the method's
+    options: CLI flags and ``--set`` keys come from them)."""
 
     name: str
     config_cls: type
     fn: Callable[..., Any]
-    summary: str
 
-
-MERGES: Registry[MergeMethod] = Registry("merge method")
-
-
-def merge_method(name: str, config_cls: type) -> Callable[[Callable], Callable]:
-    """Register ``fn(experts, config) -> Merged`` under ``name``; its docstring's first
-    line becomes the one-line summary the CLI lists."""
-
-    def deco(fn: Callable) -> Callable:
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MERGES.register(name)(MergeMethod(name, config_cls, fn, summary))
-        return fn
-
-    return deco
+    @property
+    def summary(self) -> str:
+        """The first line of ``fn``'s docstring: what ``merge ls`` prints."""
+        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
 
 
 def _listed(names: Sequence[str], n: int = 5) -> str:

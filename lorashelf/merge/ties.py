@@ -35,9 +35,9 @@ from lorashelf.errors import LorashelfError
 from lorashelf.library.factors import LoraFactors
 from lorashelf.merge.base import (
     Expert,
+    MergeMethod,
     check_experts,
     device_of,
-    merge_method,
     require_same_rank,
     shared_scale,
     stacked,
@@ -141,7 +141,6 @@ def _n_entries(f: LoraFactors, space: str) -> int:
     return d_out * d_in if space == "delta" else r * (d_in + d_out)
 
 
-@merge_method("ties", TiesConfig)
 def ties(experts: Sequence[Expert], config: TiesConfig, progress: bool = False) -> Merged:
     """TIES: trim to top-density, elect sign by mass, disjoint mean (dense or rank r)"""
     names = check_experts(experts)
@@ -191,3 +190,6 @@ def _assemble(flat: Tensor, fs: Sequence[LoraFactors], space: str) -> LoraFactor
     return LoraFactors(
         A=flat[: r * d_in].view(r, d_in), B=flat[r * d_in :].view(d_out, r), scale=scale
     )
+
+
+TIES = MergeMethod("ties", TiesConfig, ties)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from lorashelf.lora.combine import combine
 from lorashelf.merge.base import (
     Expert,
+    MergeMethod,
     check_experts,
     device_of,
-    merge_method,
     require_same_rank,
 )
 from lorashelf.merge.merged import Merged
@@ -34,7 +34,6 @@ class UniformDeltaConfig:
     """No options: every expert's delta weighs 1/E."""
 
 
-@merge_method("uniform", UniformConfig)
 def uniform(experts: Sequence[Expert], config: UniformConfig, progress: bool = False) -> Merged:
     """mean of A and mean of B separately (the paper's mu baseline); rank r"""
     names = check_experts(experts)
@@ -44,7 +43,6 @@ def uniform(experts: Sequence[Expert], config: UniformConfig, progress: bool = F
     return Merged("uniform", config, len(experts), out)
 
 
-@merge_method("uniform-delta", UniformDeltaConfig)
 def uniform_delta(
     experts: Sequence[Expert], config: UniformDeltaConfig, progress: bool = False
 ) -> Merged:
@@ -53,3 +51,9 @@ def uniform_delta(
     device = device_of(experts, names)
     out = {n: combine([ex[n] for ex in experts], mix="output", device=device) for n in names}
     return Merged("uniform-delta", config, len(experts), out)
+
+
+UNIFORM = MergeMethod("uniform", UniformConfig, uniform)
+
+
+UNIFORM_DELTA = MergeMethod("uniform-delta", UniformDeltaConfig, uniform_delta)

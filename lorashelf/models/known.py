@@ -46,16 +46,25 @@ def canonical_id(name: str) -> str:
     """The id a library stores for a base model: the hub id when one is known.
 
     Local paths to our own converted cache (``.../models/smollm2-135m``) and the GGUF
-    file itself resolve to the known model too.
+    file itself resolve to the known model too. Hub ids are compared in full: only a
+    filesystem path is matched by its last component, so ``evilorg/smollm2-135m`` and
+    ``HuggingFaceTB/SmolLM2-135M`` (not Instruct) stay themselves.
     """
     stripped = name.rstrip("/")
     tail = stripped.rsplit("/", 1)[-1]
     for km in KNOWN.values():
         keys = {km.name, km.hub_id, *km.aliases}
         lowered = {k.lower() for k in keys}
-        if stripped.lower() in lowered or tail.lower() in {km.name, km.gguf_file.lower()}:
+        if stripped.lower() in lowered:
+            return km.hub_id
+        if _is_path(stripped) and tail.lower() in {km.name, km.gguf_file.lower()}:
             return km.hub_id
     return stripped
+
+
+def _is_path(name: str) -> bool:
+    """A filesystem path, not a hub id (``org/name``): absolute, relative, or deeper."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def same_base(a: str, b: str) -> bool:

@@ -10,14 +10,13 @@
 LoraHub); ``ROUTERS`` lists routing methods (one module + one registry entry each).
 """
 
-import lorashelf.route.phatgoose  # noqa: F401  (registers "phatgoose")
-from lorashelf.lora.mixture import MixtureHandle, MixtureLinear, attach
-from lorashelf.lora.stack import ExpertStack, stack_experts
+from lorashelf.lora import ExpertStack, MixtureHandle, MixtureLinear, attach, stack_experts
 from lorashelf.route.arrow import ArrowConfig, ArrowRouter, build_arrow_routers
 from lorashelf.route.prototypes import arrow_prototypes, top_right_singular_vectors
+from lorashelf.route.registry import ROUTERS
 from lorashelf.route.report import save_routing_report
 from lorashelf.route.routed import RoutedModel, build_routed_model
-from lorashelf.route.router import ROUTERS, Router, RouterContext, RouterMethod
+from lorashelf.route.router import Router, RouterContext, RouterMethod
 from lorashelf.route.stats import RoutingStats
 
 __all__ = [

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lorashelf.errors import LorashelfError
 from lorashelf.lora.mixture import MIXES
+from lorashelf.lora.stack import Experts
 from lorashelf.route.prototypes import CACHE_FILE, arrow_prototypes
-from lorashelf.route.router import ROUTERS, RouterContext, RouterMethod
+from lorashelf.route.router import RouterContext, RouterMethod
 
 
 @dataclass(frozen=True)
@@ -77,4 +79,27 @@ def build_arrow_routers(config: ArrowConfig, ctx: RouterContext) -> dict[str, Ar
     return {m: ArrowRouter(p, config.top_k, config.temperature) for m, p in protos.items()}
 
 
-ROUTERS.register("arrow")(RouterMethod(ArrowConfig, build_arrow_routers))
+ARROW = RouterMethod(
+    ArrowConfig,
+    build_arrow_routers,
+    "Arrow: top-k over |x . v_e|, v_e the top right singular vector of B_e A_e",
+)
+
+
+def preselect_scores(
+    model: nn.Module, experts: Experts, shots: Any, config: Any = None
+) -> list[float]:
+    """Mean Arrow routing weight of each expert over ``shots``' tokens (top-4 routing):
+    LoraHub's ``--preselect-by arrow`` (``shots`` has ``input_ids``/``attention_mask``)."""
+    from lorashelf.route.routed import build_routed_model
+
+    arrow = ArrowConfig(top_k=min(4, len(experts)))
+    device = next(model.parameters()).device
+    with build_routed_model(model, experts, "arrow", arrow) as routed, torch.no_grad():
+        with routed.record() as stats:
+            routed.get_base_model()(
+                input_ids=shots.input_ids.to(device),
+                attention_mask=shots.attention_mask.to(device),
+                use_cache=False,
+            )
+    return stats.overall()

@@ -14,7 +14,6 @@ written to a temporary name and renamed, so a crash leaves the old file or the n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.derived import tensors_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,7 @@ GATES_FORMAT = "lorashelf-phatgoose-gates/1"
 DERIVED_DIR = "derived"
 KIND = "phatgoose"
 ADAPTER_FILE = "adapter_model.safetensors"
+GATES_FILE = "gates.safetensors"  # what a gate-training job writes in its own directory
 _KEY = re.compile(r"[0-9A-Za-z_.-]+")
 RAW_FIELDS = ("format", "adapter_sha256", "tensors_sha256")  # plain strings, not JSON
 
@@ -67,16 +68,6 @@ def adapter_checksum(expert: Expert) -> str:
             "library (`lorashelf library verify`)"
         )
     return checksum
-
-
-def tensors_sha256(arrays: Mapping[str, Any]) -> str:
-    """sha256 over ``name, float32 bytes`` of every tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = arrays[name]
-        data = a.detach().cpu().float().contiguous().numpy() if hasattr(a, "detach") else a
-        h.update(name.encode() + b"\0" + data.astype("<f4").tobytes())
-    return h.hexdigest()
 
 
 def save_gates(
@@ -131,6 +122,8 @@ def load_gates(
         raise _corrupt(expert, path, "they were trained for another adapter")
     if header.get("tensors_sha256") != tensors_sha256(gates):
         raise _corrupt(expert, path, "their tensors do not match their sha256")
+    if not all(bool(g.isfinite().all()) for g in gates.values()):
+        raise _corrupt(expert, path, "they hold NaN or inf values")
     meta = {k: v if k in RAW_FIELDS else _decode(v) for k, v in header.items()}
     return StoredGates(gates=gates, meta=meta)
 
@@ -144,6 +137,30 @@ def gate_status(directory: str | os.PathLike[str], checksum: str) -> str:
     except LorashelfError as e:
         return f"corrupt: {e}"
     return "ok"
+
+
+@dataclass(frozen=True)
+class GateShelf:
+    """A gate directory seen as a library (a :class:`lorashelf.jobs.Shelf`) by expert name.
+
+    ``names()`` lists the experts whose gates are stored and sound (none when
+    ``overwrite``); ``add`` stores the ``GATES_FILE`` a job wrote in ``src`` with
+    ``card`` as its header, so gate training resumes like expert training.
+    """
+
+    directory: Path
+    checksums: Mapping[str, str]  # expert name -> its adapter's sha256
+    overwrite: bool = False
+
+    def names(self) -> list[str]:
+        if self.overwrite:
+            return []
+        return [n for n, c in self.checksums.items() if gate_status(self.directory, c) == "ok"]
+
+    def add(self, src: Path, *, name: str, card: Mapping[str, Any]) -> Path:
+        from safetensors.torch import load_file
+
+        return save_gates(self.directory, self.checksums[name], load_file(src / GATES_FILE), card)
 
 
 def load_library_gates(library: Library, names: Sequence[str]) -> list[dict[str, torch.Tensor]]:

@@ -12,7 +12,8 @@ router per module (E = 1), so gradients reach the gates and nothing else; batchi
 the target-only loss with the LM head at target positions only, autocast and the
 learning-rate schedule are the trainer's (lorashelf.train).
 :func:`train_library_gates` does this for every expert of a library that has no
-gates yet, on each expert's card tasks, cut with the split seed it was trained with.
+gates yet, on each expert's card tasks, cut with the split seed it was trained with,
+through the resumable job runner (:func:`lorashelf.jobs.run_jobs`).
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lorashelf.config import to_dict
 from lorashelf.data.task import Example
 from lorashelf.errors import LorashelfError
+from lorashelf.jobs import Output, pending, run_jobs
 from lorashelf.library.factors import LoraFactors
 from lorashelf.lora.mixture import attach
 from lorashelf.train.config import TrainConfig
 from lorashelf.train.trainer import data_fingerprint, optimize, seeded, training_examples
 
 if TYPE_CHECKING:
-    from lorashelf.library import Library
+    from lorashelf.library import Expert, Library
 
 
 @dataclass(frozen=True)
@@ -230,45 +231,51 @@ def train_library_gates(
     (``LIBRARY/derived/phatgoose/<adapter sha256>.safetensors``), so an interrupted
     run continues where it stopped. ``model`` overrides the library's base model.
     """
-    from lorashelf.route.gate_store import adapter_checksum, gate_status, gates_dir, save_gates
+    from lorashelf.route.gate_store import GATES_FILE, GateShelf, adapter_checksum, gates_dir
 
-    directory = gates_dir(library.path)
     experts = [library.get(n) for n in (names if names else library.names())]
     if not experts:
         raise LorashelfError(f"library {library.path} has no experts; add some first")
     sums = {e.name: adapter_checksum(e) for e in experts}
-    todo = [e for e in experts if overwrite or gate_status(directory, sums[e.name]) != "ok"]
-    reports = {e.name: GateReport(e.name, "skipped") for e in experts if e not in todo}
+    shelf = GateShelf(gates_dir(library.path), sums, overwrite=overwrite)
+    todo = pending(experts, shelf)
     no_tasks = [e.name for e in todo if not e.card.get("tasks")]
     if no_tasks:
         raise LorashelfError(
             f"PHATGOOSE gates train on an expert's own data, but these experts' cards list no "
             f"tasks: {', '.join(no_tasks)}; leave them out with --experts"
         )
-    if todo:
-        from lorashelf.models import load_base
+    if not todo:
+        return [GateReport(e.name, "skipped") for e in experts]
+    from lorashelf.models import load_base
 
-        base = load_base(model or library.base_model, home=home, dtype=dtype, device=device)
-        for e in tqdm(todo, desc="PHATGOOSE gates", unit="expert", disable=not progress):
-            data = expert_data_config(e.card)
-            examples, note = expert_examples(e.card, data, home=home, max_examples=max_examples)
-            cfg = dataclasses.replace(config, chat=data.chat)
-            factors = e.lora_factors(device=device)
-            trained = train_gates(
-                base.model, base.tokenizer, factors, examples, cfg, progress=progress, desc=e.name
-            )
-            meta = {
-                "expert": e.name,
-                "base_model": library.base_model,
-                "config": to_dict(cfg),
-                "data": {
-                    "tasks": list(e.card["tasks"]),
-                    "split_seed": data.split_seed,
-                    "train_on": data.train_on,
-                    "max_examples": max_examples,
-                },
-                "stats": trained.stats(),
-            }
-            save_gates(directory, sums[e.name], trained.gates, meta)
-            reports[e.name] = GateReport(e.name, "trained", trained.stats(), note)
-    return [reports[e.name] for e in experts]
+    base = load_base(model or library.base_model, home=home, dtype=dtype, device=device)
+
+    def work(e: Expert, out_dir: Path) -> Output[GateReport]:
+        from safetensors.torch import save_file
+
+        data = expert_data_config(e.card)
+        examples, note = expert_examples(e.card, data, home=home, max_examples=max_examples)
+        cfg = dataclasses.replace(config, chat=data.chat)
+        factors = e.lora_factors(device=device)
+        trained = train_gates(
+            base.model, base.tokenizer, factors, examples, cfg, progress=progress, desc=e.name
+        )
+        meta = {
+            "expert": e.name,
+            "base_model": library.base_model,
+            "config": to_dict(cfg),
+            "data": {
+                "tasks": list(e.card["tasks"]),
+                "split_seed": data.split_seed,
+                "train_on": data.train_on,
+                "max_examples": max_examples,
+            },
+            "stats": trained.stats(),
+        }
+        out_dir.mkdir(parents=True)
+        save_file(trained.gates, str(out_dir / GATES_FILE))
+        return Output(meta, GateReport(e.name, "trained", trained.stats(), note))
+
+    done = run_jobs(todo, work, shelf, desc="PHATGOOSE gates", progress=progress)
+    return [done.get(e.name) or GateReport(e.name, "skipped") for e in experts]

@@ -31,8 +31,8 @@ from torch import nn
 
 from lorashelf.errors import LorashelfError
 from lorashelf.lora.mixture import MIXES
-from lorashelf.route.gate_store import load_expert_gates, train_command
-from lorashelf.route.router import ROUTERS, RouterContext, RouterMethod
+from lorashelf.route.gate_store import gates_dir, load_expert_gates, train_command
+from lorashelf.route.router import RouterContext, RouterMethod
 
 EPS = 1e-5  # LayerNorm's default, as in the reference implementation
 EXTRAS_KEY = "phatgoose_gates"
@@ -108,7 +108,8 @@ def _expert_gates(config: PhatgooseConfig, ctx: RouterContext) -> Sequence[Gates
                 f"got PHATGOOSE gates for {len(given)} experts but routing {len(ctx.experts)}"
             )
         return list(given)
-    if config.gates_dir is None:
+    directory = config.gates_dir or (gates_dir(ctx.library_dir) if ctx.library_dir else None)
+    if directory is None:
         raise LorashelfError(
             "PHATGOOSE routes with each expert's trained gates: pass "
             "PhatgooseConfig(gates_dir=...) (for a library: "
@@ -120,7 +121,7 @@ def _expert_gates(config: PhatgooseConfig, ctx: RouterContext) -> Sequence[Gates
             "PHATGOOSE finds gates by adapter checksum: pass checksums= (the sha256 of each "
             "expert's adapter_model.safetensors, as its card records it)"
         )
-    return load_expert_gates(config.gates_dir, ctx.expert_names, list(ctx.checksums))
+    return load_expert_gates(str(directory), ctx.expert_names, list(ctx.checksums))
 
 
 def _check_coverage(ctx: RouterContext, gates: Sequence[Gates], gates_dir: str | None) -> None:
@@ -136,4 +137,6 @@ def _check_coverage(ctx: RouterContext, gates: Sequence[Gates], gates_dir: str |
             )
 
 
-ROUTERS.register("phatgoose")(RouterMethod(PhatgooseConfig, build_phatgoose_routers))
+PHATGOOSE = RouterMethod(
+    PhatgooseConfig, build_phatgoose_routers, "PHATGOOSE: top-k over trained sigmoid gates"
+)

@@ -10,11 +10,15 @@ gives ``delta W``'s right singular vectors as ``Qa V``. Everything is batched ov
 (expert, module) pairs of one shape. Prototypes depend only on an expert's factors,
 so they are cached in a safetensors file keyed by the expert's checksum (the caller's
 choice, e.g. the sha256 of adapter_model.safetensors): adding experts to a library
-computes only theirs.
+computes only theirs. The file's header carries a sha256 over its tensors
+(:mod:`lorashelf.library.derived`): a cache that fails it, holds NaN, or is not a
+prototype cache at all is ignored and rewritten from the factors (a read-only library
+just recomputes), so a damaged cache can never route every token alike.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,12 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorashelf.errors import LorashelfError
+from lorashelf.library.derived import CHECKSUM_KEY, file_problem, tensors_sha256
 from lorashelf.library.factors import LoraFactors
 from lorashelf.lora.stack import Experts, check_experts
 
 CACHE_FORMAT = "lorashelf-arrow-prototypes/1"
 CACHE_FILE = "arrow_prototypes.safetensors"
 CHUNK = 2048  # (expert, module) pairs per batched QR/SVD call
+log = logging.getLogger("lorashelf.route")
 
 
 def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,10 @@ def arrow_prototypes(
     fresh = _compute(todo, device)
     storable = {(sums[i], m): p for (i, m), p in fresh.items() if sums[i]}
     if cache_path is not None and storable:
-        write_cache(cache_path, storable)
+        try:
+            write_cache(cache_path, storable)
+        except OSError as e:  # a read-only library: the prototypes are just not kept
+            log.info("not caching Arrow prototypes in %s (%s)", cache_path, e)
     protos = {**cached, **fresh}
     return {
         m: torch.stack([protos[(i, m)] for i, (_, fs) in enumerate(experts) if m in fs]).float()
@@ -117,13 +126,11 @@ def read_cache(
     path = Path(path)
     if not path.exists():
         return {}
+    if (why := cache_problem(path)) is not None:
+        log.warning("Arrow prototype cache %s is %s; recomputing it", path, why)
+        return {}
     out = {}
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != CACHE_FORMAT:
-            raise LorashelfError(
-                f"{path} is not an Arrow prototype cache ({CACHE_FORMAT}); delete it to rebuild"
-            )
         stored = set(f.keys())
         for i, (key, (_, factors)) in enumerate(zip(checksums, experts)):
             if key and all(f"{key}/{m}" in stored for m in factors):
@@ -131,19 +138,37 @@ def read_cache(
     return out
 
 
+def cache_problem(path: Path) -> str | None:
+    """Why our cache file cannot be trusted (damaged, NaN), or None; a readable file of
+    another format raises instead: it is not ours to replace."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # unreadable: a damaged cache, handled below
+        fmt = CACHE_FORMAT
+    if fmt != CACHE_FORMAT:
+        raise LorashelfError(
+            f"{path} is not an Arrow prototype cache ({CACHE_FORMAT}); delete it to rebuild"
+        )
+    why = file_problem(path)
+    return None if why is None else f"damaged ({why})"
+
+
 def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torch.Tensor]) -> None:
     """Add prototypes to the cache file (rewritten through a temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    if path.exists():
+    if path.exists() and cache_problem(path) is None:  # a damaged cache is replaced whole
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors.update({f"{key}/{m}": p.float().contiguous() for (key, m), p in new.items()})
+    fresh = {f"{key}/{m}": p.float().contiguous() for (key, m), p in new.items()}
+    tensors.update({k: t for k, t in fresh.items() if bool(torch.isfinite(t).all())})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         meta = {"format": CACHE_FORMAT, "method": "exact: thin QR of A^T and B, SVD of r x r core"}
+        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:

@@ -1,7 +1,7 @@
 """A base model routed over a library of experts: what ``lorashelf route``/eval use.
 
 :func:`build_routed_model` looks the routing method up in the registry
-(lorashelf.route.router.ROUTERS: ``arrow`` and whatever else is registered), builds
+(lorashelf.route.registry.ROUTERS), builds
 one router per adapted module and attaches the mixture layers in place. The
 :class:`RoutedModel` it returns forwards and generates like the model itself, is
 accepted by the scorer (``get_base_model``), records routing statistics on demand
@@ -23,7 +23,8 @@ from lorashelf.config import to_dict
 from lorashelf.errors import LorashelfError
 from lorashelf.lora.mixture import MixtureHandle, attach
 from lorashelf.lora.stack import Experts, check_experts
-from lorashelf.route.router import ROUTERS, Router, RouterContext
+from lorashelf.route.registry import ROUTERS
+from lorashelf.route.router import Router, RouterContext
 from lorashelf.route.stats import RoutingStats, recording
 
 
@@ -86,6 +87,7 @@ def build_routed_model(
     cache_dir: str | Path | None = None,
     strategy: str = "auto",
     device: torch.device | str | None = None,
+    library_dir: str | Path | None = None,
 ) -> RoutedModel:
     """Route ``model`` over ``experts`` (``[(name, {module path: factors})]``), in place.
 
@@ -109,6 +111,7 @@ def build_routed_model(
         checksums=checksums,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         device=device,
+        library_dir=Path(library_dir) if library_dir is not None else None,
     )
     routers = spec.build(config, ctx)
     handle = attach(model, experts, mix=getattr(config, "mix", "output"), strategy=strategy)

@@ -4,7 +4,7 @@ A router decides, token by token, how much each expert of one adapted module
 contributes. Zero-shot routers (Arrow, Ostapenko et al. 2024, arXiv 2405.11157;
 PHATGOOSE, Muqeeth et al. 2024) are built from the experts alone, one router per
 adapted module. Adding a method costs one module defining a frozen config dataclass
-and a ``build`` function, plus one ``ROUTERS.register(name)`` entry:
+and a ``build`` function, plus one line in :mod:`lorashelf.route.registry`:
 
     @dataclass(frozen=True)
     class MyConfig:
@@ -13,7 +13,8 @@ and a ``build`` function, plus one ``ROUTERS.register(name)`` entry:
 
     def build_my_routers(config: MyConfig, ctx: RouterContext) -> dict[str, Router]: ...
 
-    ROUTERS.register("mine")(RouterMethod(MyConfig, build_my_routers))
+    MINE = RouterMethod(MyConfig, build_my_routers, "what it does")   # lorashelf/route/mine.py
+    "mine": "lorashelf.route.mine:MINE",                              # route/registry.py
 
 ``ctx.experts`` is the list of ``(name, {module path: factors})``, ``ctx.stacks`` maps
 each adapted module path to its :class:`~lorashelf.lora.stack.ExpertStack` (the
@@ -38,7 +39,6 @@ import torch
 
 from lorashelf.lora.router import Router
 from lorashelf.lora.stack import Experts, ExpertStack, stack_experts
-from lorashelf.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RouterContext:
     checksums: Sequence[str] | None = None
     cache_dir: Path | None = None
     device: torch.device | str | None = None  # where to compute (None: where the factors are)
+    library_dir: Path | None = None  # the library the experts come from (its derived files)
     extras: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
 
     @property
@@ -68,10 +69,9 @@ class RouterContext:
 
 @dataclass(frozen=True)
 class RouterMethod:
-    """A routing method: its config class and the function building its routers."""
+    """A routing method as :mod:`lorashelf.route.registry` lists it: its frozen options
+    dataclass, the function building its routers and a one-line summary."""
 
     config_cls: type
     build: Callable[[Any, RouterContext], dict[str, Router]]
-
-
-ROUTERS: Registry[RouterMethod] = Registry("router")
+    summary: str = ""

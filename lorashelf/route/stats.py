@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorashelf.lora.mixture import MixtureState
+from lorashelf.lora.state import MixtureState
 
 
 class RoutingStats:

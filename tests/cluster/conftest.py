@@ -1,8 +1,11 @@
-"""Fixtures for cluster tests: synthetic LoRA experts with a planted cluster structure.
+"""Fixtures for cluster tests: LoRA experts with a planted cluster structure.
 
 Every expert shares one "initialisation" (as experts trained from one init seed do),
 plus its family's random direction, plus its own noise; a family is a planted cluster.
-No model, no training: factors are built directly.
+No training: factors are built directly. ``planted`` holds them in memory;
+``planted_library`` is a real :class:`lorashelf.library.Library` of the same experts as
+PEFT adapters of a tiny Llama of their shapes (hidden 16), and ``peft_library`` one of
+nine experts of the shared tiny model.
 """
 
 from __future__ import annotations
@@ -13,15 +16,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-
-@dataclass
-class Factors:
-    """Stand-in for lorashelf.library.factors.LoraFactors (only A and B are read)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float = 2.0
-
+from lorashelf.library import Library
+from lorashelf.lora import LoraFactors
 
 MODULES = (
     "model.layers.0.self_attn.q_proj",
@@ -34,11 +30,11 @@ MODULES = (
 @dataclass
 class Planted:
     names: list[str]
-    factors: dict[str, dict[str, Factors]]
+    factors: dict[str, dict[str, LoraFactors]]
     truth: list[int]
     cards: dict[str, dict]
 
-    def load(self, name: str) -> dict[str, Factors]:
+    def load(self, name: str) -> dict[str, LoraFactors]:
         return self.factors[name]
 
     def vectors(self) -> torch.Tensor:
@@ -78,9 +74,10 @@ def make_planted(
         name = f"expert_{i:02d}"
         names.append(name)
         factors[name] = {
-            m: Factors(
+            m: LoraFactors(
                 init[m][0] + 0.1 * signal * direction[fam][m][0] + 0.1 * noise * rand(*a),
                 init[m][1] + signal * direction[fam][m][1] + noise * rand(*b),
+                2.0,
             )
             for m, (a, b) in shapes.items()
         }
@@ -99,86 +96,84 @@ def make_experts():
     return make_planted
 
 
-class FakeExpert:
-    def __init__(self, name: str, card: dict, factors: dict, path=None) -> None:
-        self.name, self.card, self._factors, self.path = name, card, factors, path
-
-    def lora_factors(self) -> dict:
-        return self._factors
-
-
-class FakeLibrary:
-    """The planned Library interface (names/get/add/path) over a dict, for logic tests."""
-
-    def __init__(self, path, experts: dict[str, FakeExpert] | None = None) -> None:
-        self.path = path
-        self.experts = dict(experts or {})
-        self.added: list[str] = []
-
-    def names(self) -> list[str]:
-        return sorted(self.experts)
-
-    def get(self, name: str) -> FakeExpert:
-        return self.experts[name]
-
-    def add(self, adapter_dir, name: str, card: dict) -> None:
-        from safetensors.torch import load_file
-
-        sd = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        assert (adapter_dir / "adapter_config.json").exists() and sd
-        self.experts[name] = FakeExpert(name, card, {}, adapter_dir)
-        self.added.append(name)
+@pytest.fixture(scope="session")
+def planted_base(tmp_path_factory, tiny_tokenizer, kit):
+    """A tiny Llama whose q_proj/v_proj shapes are the planted experts' (hidden 16),
+    saved as a local model directory: ``(model, path)``."""
+    model = kit.make_model(len(tiny_tokenizer), hidden=16)
+    return model, kit.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("planted-base"))
 
 
 @pytest.fixture
-def fake_library(planted, tmp_path) -> FakeLibrary:
-    experts = {n: FakeExpert(n, planted.cards[n], planted.factors[n]) for n in planted.names}
-    return FakeLibrary(tmp_path / "lib", experts)
+def new_library(planted_base):
+    """``new_library(path)``: an empty Library for the planted experts' base."""
+    return lambda path: Library.open(path, create=True, base_model=str(planted_base[1]))
 
 
 @pytest.fixture
-def peft_library(tmp_path, tiny_model, tiny_tokenizer):
+def make_planted_library(planted, planted_base, new_library, tmp_path, kit):
+    """``make_planted_library(path, cards=None, factors=None)``: a Library of the
+    ``planted`` experts written as PEFT adapters; ``cards``/``factors`` replace those of
+    the experts they name (an expert on other modules is added with ``allow_mixed``)."""
+    model, base_dir = planted_base
+
+    def make(path=None, *, cards=None, factors=None):
+        path = path or tmp_path / "lib"
+        lib = new_library(path)
+        for name in planted.names:
+            f = (factors or {}).get(name, planted.factors[name])
+            mixed = sorted(f) != sorted(MODULES)
+            targets = sorted(f) if mixed else ["q_proj", "v_proj"]
+            src = kit.write_adapter(
+                model, path.parent / f"{path.name}-src" / name, f,
+                base_id=str(base_dir), target_modules=targets,
+            )  # fmt: skip
+            card = (cards or {}).get(name, planted.cards[name])
+            lib.add(src, name=name, card=card, allow_mixed=mixed)
+        return lib
+
+    return make
+
+
+@pytest.fixture
+def planted_library(make_planted_library) -> Library:
+    """The ``planted`` experts in a real Library in tmp_path."""
+    return make_planted_library()
+
+
+@pytest.fixture
+def peft_library(tmp_path, tiny_model, tiny_model_dir, kit):
     """A real Library of 9 PEFT experts of the tiny Llama in 3 planted families.
 
-    Experts share LoRA's A initialisation (one init seed); each family adds its own
-    direction to A and B, each expert its own noise. Returns (library dir, truth).
+    Experts share LoRA's A initialisation (one init seed, B starts at zero); each
+    family adds its own direction to A and B, each expert its own noise. Returns
+    (library dir, truth).
     """
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    from lorashelf.library import Library
-
-    tiny_model.save_pretrained(tmp_path / "base")
-    tiny_tokenizer.save_pretrained(tmp_path / "base")
-    lib = Library.open(tmp_path / "lib", create=True, base_model=str(tmp_path / "base"))
+    base = str(tiny_model_dir)
+    lib = Library.open(tmp_path / "lib", create=True, base_model=base)
+    init = kit.random_factors(kit.module_shapes(tiny_model), seed=0)  # the shared init seed
     g = torch.Generator().manual_seed(0)
-    fam_dirs: list[dict[str, torch.Tensor]] = [{} for _ in range(3)]
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g)
+
+    fam_dirs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(3)]
     truth = {}
     for i in range(9):
         fam = i % 3
-        torch.manual_seed(0)  # the shared init seed
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        model = get_peft_model(copy.deepcopy(tiny_model), cfg)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    d = fam_dirs[fam].setdefault(name, torch.randn(p.shape, generator=g))
-                    p.add_(0.1 * d + 0.03 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(tmp_path / "adapters" / f"e{i}")
+        factors = {}
+        for m, f in init.items():
+            dA, dB = fam_dirs[fam].setdefault(m, (randn(f.A), randn(f.B)))
+            A = f.A + 0.1 * dA + 0.03 * randn(f.A)
+            B = 0.1 * dB + 0.03 * randn(f.B)
+            factors[m] = LoraFactors(A, B, f.scale)
+        src = kit.write_adapter(tiny_model, tmp_path / "adapters" / f"e{i}", factors, base_id=base)
         name = f"expert_{i}"
         task = tmp_path / "tasks" / f"fam{fam}_{i}.jsonl"
         task.parent.mkdir(exist_ok=True)
         rows = [{"input": f"{'abc'[fam]} {i} {j} =", "target": f" {'xyz'[fam]}"} for j in range(12)]
         task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        lib.add(
-            tmp_path / "adapters" / f"e{i}",
-            name=name,
-            card={
-                "tasks": [f"jsonl:{task}"],
-                "init_seed": 0,
-                "base_model": str(tmp_path / "base"),
-            },
-        )
+        card = {"tasks": [f"jsonl:{task}"], "init_seed": 0, "base_model": base}
+        lib.add(src, name=name, card=card)
         truth[name] = fam
     return tmp_path / "lib", truth

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-from peft import LoraConfig, get_peft_model
 
 from lorashelf.cluster.build import build_library, plan_jobs
 from lorashelf.cluster.methods import ClusterConfig
@@ -16,30 +14,28 @@ from lorashelf.errors import LorashelfError
 
 
 @pytest.fixture
-def clusters_json(fake_library, tmp_path):
+def clusters_json(planted_library, tmp_path):
     out = tmp_path / "clusters.json"
-    cluster_library(fake_library, ClusterConfig(k=3), out=out, home=tmp_path)
+    cluster_library(planted_library, ClusterConfig(k=3), out=out, home=tmp_path)
     return out
 
 
 @pytest.fixture
-def peft_trainer(tiny_model):
-    """Writes an untrained PEFT adapter of the tiny model; records the jobs it ran."""
+def peft_trainer(planted_base, kit):
+    """Writes a random PEFT adapter of the experts' base; records the jobs it ran."""
     calls = []
+    model, base_dir = planted_base
 
     def train(job, out_dir):
         calls.append(job.name)
-        model = get_peft_model(
-            copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj"])
-        )
-        model.save_pretrained(out_dir)
+        kit.write_adapter(model, out_dir, r=2, target_modules=["q_proj"], base_id=str(base_dir))
         return {"init_seed": 0, "extra": {"trainer": "fake"}}
 
     train.calls = calls
     return train
 
 
-def test_cluster_library_writes_json(fake_library, clusters_json, planted):
+def test_cluster_library_writes_json(planted_library, clusters_json, planted):
     doc = json.loads(clusters_json.read_text())
     assert doc["source"]["n_experts"] == 15 and doc["k"] == 3
     tasks = sorted(t for c in doc["clusters"] for t in c["tasks"])
@@ -47,10 +43,10 @@ def test_cluster_library_writes_json(fake_library, clusters_json, planted):
 
 
 def test_build_one_expert_per_cluster_then_resume(
-    fake_library, clusters_json, peft_trainer, tmp_path
+    planted_library, clusters_json, peft_trainer, new_library, tmp_path
 ):
-    out = type(fake_library)(tmp_path / "built")
-    built = build_library(clusters_json, fake_library, out, peft_trainer)
+    out = new_library(tmp_path / "built")
+    built = build_library(clusters_json, planted_library, out, peft_trainer)
     assert built == ["cluster_00", "cluster_01", "cluster_02"] == out.names()
     cf = load_clusters(clusters_json)
     for job in plan_jobs(cf):
@@ -61,53 +57,50 @@ def test_build_one_expert_per_cluster_then_resume(
         assert cl["id"] == job.id and cl["members"] == list(job.members)
         assert cl["sha256"] == cf.sha256 and cl["config"]["method"] == "mbc"
     # a rerun skips what is built; a lost expert is rebuilt alone
-    assert build_library(clusters_json, fake_library, out, peft_trainer) == []
-    del out.experts["cluster_01"]
-    assert build_library(clusters_json, fake_library, out, peft_trainer) == ["cluster_01"]
+    assert build_library(clusters_json, planted_library, out, peft_trainer) == []
+    out.remove("cluster_01")
+    assert build_library(clusters_json, planted_library, out, peft_trainer) == ["cluster_01"]
     assert peft_trainer.calls == ["cluster_00", "cluster_01", "cluster_02", "cluster_01"]
 
 
 def test_build_refuses_other_clustering_and_foreign_members(
-    fake_library, clusters_json, peft_trainer, tmp_path
+    planted_library, clusters_json, peft_trainer, new_library, tmp_path
 ):
-    out = type(fake_library)(tmp_path / "built")
-    build_library(clusters_json, fake_library, out, peft_trainer)
+    out = new_library(tmp_path / "built")
+    build_library(clusters_json, planted_library, out, peft_trainer)
     other = tmp_path / "other.json"
     cluster_library(
-        fake_library, ClusterConfig(method="random", k=3, seed=9), out=other, home=tmp_path
+        planted_library, ClusterConfig(method="random", k=3, seed=9), out=other, home=tmp_path
     )
     with pytest.raises(LorashelfError, match="another clustering.*new --library"):
-        build_library(other, fake_library, out, peft_trainer)
-    del fake_library.experts["expert_03"]
+        build_library(other, planted_library, out, peft_trainer)
+    planted_library.remove("expert_03")
     with pytest.raises(LorashelfError, match="expert_03.*recluster"):
-        build_library(
-            clusters_json, fake_library, type(fake_library)(tmp_path / "b2"), peft_trainer
-        )
+        build_library(clusters_json, planted_library, new_library(tmp_path / "b2"), peft_trainer)
 
 
-def test_clusters_without_tasks_are_refused(fake_library, tmp_path):
-    for e in fake_library.experts.values():
-        e.card = {"init_seed": 0}
+def test_clusters_without_tasks_are_refused(make_planted_library, planted, tmp_path):
+    lib = make_planted_library(cards={n: {"init_seed": 0} for n in planted.names})
     out = tmp_path / "c.json"
-    cluster_library(fake_library, ClusterConfig(k=2), out=out, home=tmp_path)
+    cluster_library(lib, ClusterConfig(k=2), out=out, home=tmp_path)
     with pytest.raises(LorashelfError, match="lists no tasks"):
         plan_jobs(load_clusters(out))
 
 
-def test_bad_request_writes_nothing(fake_library, tmp_path):
+def test_bad_request_writes_nothing(planted_library, make_planted_library, planted, tmp_path):
     with pytest.raises(LorashelfError, match="between 1 and 15"):
         cluster_library(
-            fake_library,
+            planted_library,
             ClusterConfig(k=16),
             out=tmp_path / "c.json",
             plot=tmp_path / "p.png",
             home=tmp_path,
         )
-    odd = fake_library.experts["expert_07"]
-    odd._factors = dict(list(odd._factors.items())[:1])
+    one_module = dict(list(planted.factors["expert_07"].items())[:1])
+    odd = make_planted_library(tmp_path / "odd", factors={"expert_07": one_module})
     with pytest.raises(LorashelfError, match="expert_07"):
         cluster_library(
-            fake_library,
+            odd,
             ClusterConfig(k=3),
             out=tmp_path / "c.json",
             plot=tmp_path / "p.png",
@@ -117,7 +110,8 @@ def test_bad_request_writes_nothing(fake_library, tmp_path):
 
 
 def test_training_options_default_to_the_source_experts():
-    from lorashelf.cli.cluster import override, parse_overrides
+    from lorashelf.cli.cluster import override
+    from lorashelf.cli.options import parse_sets as parse_overrides
     from lorashelf.cluster.build import training_from_cards
 
     t = {"rank": 4, "steps": 200, "epochs": None, "init_seed": 7}

@@ -52,25 +52,13 @@ def test_cluster_cli_errors_write_nothing(peft_library, tmp_path, capsys, extra,
     assert not out.exists() and not png.exists()
 
 
-def _r2_adapter(tiny_model, path):
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(
-        copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    )
-    model.save_pretrained(path)
-    return path
-
-
 def test_cluster_cli_refuses_one_expert_and_mixed_shapes(
-    peft_library, tmp_path, tiny_model, capsys
+    peft_library, tmp_path, tiny_model, kit, capsys
 ):
     from lorashelf.library import Library
 
     lib_dir, _ = peft_library
-    adapters, base = lib_dir.parent / "adapters", str(lib_dir.parent / "base")
+    adapters, base = lib_dir.parent / "adapters", Library.open(lib_dir).base_model
     card = {"init_seed": 0, "base_model": base}
     one = Library.open(tmp_path / "one", create=True, base_model=base)
     one.add(adapters / "e0", name="only", card=card)
@@ -80,7 +68,8 @@ def test_cluster_cli_refuses_one_expert_and_mixed_shapes(
     mixed = Library.open(tmp_path / "mixed", create=True, base_model=base, allow_mixed=True)
     for i in range(3):
         mixed.add(adapters / f"e{i}", name=f"e{i}", card=card)
-    mixed.add(_r2_adapter(tiny_model, tmp_path / "r2"), name="r2", card=card, allow_mixed=True)
+    r2 = kit.write_adapter(tiny_model, tmp_path / "r2", r=2, base_id=base)
+    mixed.add(r2, name="r2", card=card, allow_mixed=True)
     rc = main(
         ["cluster", str(tmp_path / "mixed"), "--k", "2", "--out", str(out), "--plot", str(png)]
     )
@@ -95,8 +84,8 @@ def test_build_cli_trains_one_expert_per_cluster_and_resumes(peft_library, tmp_p
     lib, _ = peft_library
     clusters, out = tmp_path / "clusters.json", tmp_path / "built"
     assert main(["cluster", str(lib), "--k", "3", "--out", str(clusters)]) == 0
-    args = ["--device", "cpu", "build", "--from", str(lib), "--clusters", str(clusters),
-            "--library", str(out), "--dtype", "fp32", "--set", "steps=2", "--set", "batch_size=4",
+    args = ["--device", "cpu", "build", str(lib), "--clusters", str(clusters),
+            "--out", str(out), "--dtype", "fp32", "--set", "steps=2", "--set", "batch_size=4",
             "--set", "max_length=32", "--set", "target_modules=[\"q_proj\", \"v_proj\"]"]  # fmt: skip
     assert main(args) == 0
     assert "built 3 of 3" in capsys.readouterr().out

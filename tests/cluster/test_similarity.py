@@ -79,7 +79,7 @@ def test_mismatched_shapes_name_the_expert_and_the_fix(planted):
     odd = planted.names[4]
     f = dict(planted.factors[odd])
     m = sorted(f)[1]
-    f[m] = type(f[m])(torch.randn(8, 16), torch.randn(f[m].B.shape[0], 8))
+    f[m] = type(f[m])(torch.randn(8, 16), torch.randn(f[m].B.shape[0], 8), f[m].scale)
     planted.factors[odd] = f
     with pytest.raises(LorashelfError, match=rf"{odd}.*A \[8, 16\].*retrain or remove"):
         parameter_similarity(planted.names, planted.load, SimilarityConfig(block_size=2))
@@ -94,7 +94,9 @@ def test_different_modules_are_refused(planted):
 
 def test_zero_expert_is_refused(planted):
     z = planted.names[2]
-    planted.factors[z] = {m: type(f)(f.A * 0, f.B * 0) for m, f in planted.factors[z].items()}
+    planted.factors[z] = {
+        m: type(f)(f.A * 0, f.B * 0, f.scale) for m, f in planted.factors[z].items()
+    }
     with pytest.raises(LorashelfError, match=rf"{z}.*all-zero"):
         parameter_similarity(planted.names, planted.load)
 
@@ -143,7 +145,7 @@ def test_centring_ignores_a_common_offset(planted):
 
     def shifted(name):
         return {
-            m: type(f)(f.A + offset[m][0], f.B + offset[m][1])
+            m: type(f)(f.A + offset[m][0], f.B + offset[m][1], f.scale)
             for m, f in planted.load(name).items()
         }
 

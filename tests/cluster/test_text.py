@@ -63,25 +63,24 @@ def test_expert_prompts_come_from_train_splits_in_turn(tmp_path):
     assert got[1] == train_b[:6]
 
 
-def test_embedding_method_end_to_end(tmp_path, tiny_model, tiny_tokenizer, fake_library):
+def test_embedding_method_end_to_end(tmp_path, tiny_model_dir, planted, make_planted_library):
     """cluster_library with --method embedding: real tasks, the tiny model from a local dir."""
     from lorashelf.cluster.methods import ClusterConfig
     from lorashelf.cluster.run import cluster_library
 
-    tiny_model.save_pretrained(tmp_path / "tiny")
-    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
     styles = ["{i} + {j} = ", "Translate: the cat number {i} sat", "QQQQ ZZZZ " * 3 + "{i}"]
-    truth = {}
-    for n, e in fake_library.experts.items():
+    truth, cards = {}, {}
+    for n in planted.names:
         fam = int(n[-2:]) % 3
         rows = [
             {"input": styles[fam].format(i=i * 37 % 101, j=i), "target": "1"} for i in range(12)
         ]
-        e.card = {"tasks": [_jsonl(tmp_path / f"{n}.jsonl", rows)], "init_seed": 0}
+        cards[n] = {"tasks": [_jsonl(tmp_path / f"{n}.jsonl", rows)], "init_seed": 0}
         truth[n] = fam
-    cfg = ClusterConfig(method="embedding", k=3, max_prompts=4, text_model=str(tmp_path / "tiny"))
+    library = make_planted_library(cards=cards)
+    cfg = ClusterConfig(method="embedding", k=3, max_prompts=4, text_model=str(tiny_model_dir))
     c, doc = cluster_library(
-        fake_library,
+        library,
         cfg,
         out=tmp_path / "c.json",
         home=tmp_path,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lorashelf.data.task import Example
 
@@ -30,46 +29,29 @@ def model(tiny_model):
     return copy.deepcopy(tiny_model)
 
 
-def peft_adapter(base, out_dir: Path, seed: int, *, base_id: str, r: int = 4, alpha=None,
-                 targets=("q_proj", "v_proj")) -> Path:  # fmt: skip
-    """A PEFT LoRA with random A and B (``init_lora_weights=False``), saved to ``out_dir``."""
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), init_lora_weights=False
-    )
-    peft_model = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():  # PEFT's random B is tiny; make every expert visibly different
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    peft_model.save_pretrained(str(out_dir))
-    path = out_dir / "adapter_config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": base_id}))
-    return out_dir
-
-
 @pytest.fixture
-def make_adapter(tmp_path, tiny_model, tiny_model_dir):
-    """``make_adapter(name, seed, **options)`` -> a random PEFT adapter dir in tmp_path."""
+def make_adapter(tmp_path, tiny_model, tiny_model_dir, kit):
+    """``make_adapter(name, seed, **LoraConfig fields)`` -> a random PEFT adapter dir in
+    tmp_path (base recorded as ``tiny_model_dir``)."""
 
     def make(name: str, seed: int, **options) -> Path:
-        return peft_adapter(tiny_model, tmp_path / name, seed, base_id=str(tiny_model_dir),
-                            **options)  # fmt: skip
+        return kit.write_adapter(
+            tiny_model, tmp_path / name, seed=seed, base_id=str(tiny_model_dir), **options
+        )
 
     return make
 
 
 @pytest.fixture
-def make_library(tmp_path, tiny_model, tiny_model_dir):
-    """``make_library(n, ranks=None)`` -> a Library of ``n`` random experts e0..e{n-1}
-    for the tiny model (base recorded as ``tiny_model_dir``)."""
+def make_library(tmp_path, make_adapter, tiny_model_dir):
+    """``make_library(n, seed=0, path=None)`` -> a Library of ``n`` random experts
+    e0..e{n-1} for the tiny model (base recorded as ``tiny_model_dir``)."""
     from lorashelf.library import Library
 
     def make(n: int = 4, seed: int = 0, path: Path | None = None):
         lib = Library.open(path or tmp_path / "lib", create=True, base_model=str(tiny_model_dir))
         for i in range(n):
-            src = peft_adapter(tiny_model, tmp_path / f"src{seed}-{i}", seed + i,
-                               base_id=str(tiny_model_dir))  # fmt: skip
+            src = make_adapter(f"src{seed}-{i}", seed + i)
             lib.add(src, name=f"e{i}", card={"tasks": [f"toy:{i}"], "source": "train"})
         return lib
 
@@ -120,14 +102,12 @@ def ref_batch():
     return reference_batch
 
 
-def _trained_adapter(base, tok, examples, out_dir: Path, *, base_id: str, steps: int = 120) -> Path:
+def _trained_adapter(
+    base, tok, examples, out_dir: Path, *, base_id: str, kit, steps: int = 120
+) -> Path:
     """A rank-4 LoRA fitted to ``examples`` (targets + EOS) with Adam: the expert that is
     clearly right for them."""
-    torch.manual_seed(0)
-    cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(copy.deepcopy(base), cfg)
+    peft_model = kit.peft_lora(base, seed=0)
     ids, _, labels = reference_batch(tok, examples)
     opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
@@ -144,14 +124,14 @@ def _trained_adapter(base, tok, examples, out_dir: Path, *, base_id: str, steps:
 
 
 @pytest.fixture(scope="session")
-def fit_adapter(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_model_dir):
+def fit_adapter(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_model_dir, kit):
     """A LoRA trained on the ``shots`` fixture's examples (trained once per session)."""
     out = tmp_path_factory.mktemp("fit") / "adapter"
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return _trained_adapter(
-            tiny_model, tiny_tokenizer, SHOTS, out, base_id=str(tiny_model_dir), steps=60
+            tiny_model, tiny_tokenizer, SHOTS, out, base_id=str(tiny_model_dir), kit=kit, steps=60
         )
     finally:
         torch.set_num_threads(n)

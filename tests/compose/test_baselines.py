@@ -8,7 +8,6 @@ import torch
 
 from lorashelf.compose import ComposeConfig, resolve_experts
 from lorashelf.compose.baselines import (
-    FEWSHOT_METHODS,
     FewShotContext,
     FewShotOptions,
     icl_task,
@@ -16,8 +15,12 @@ from lorashelf.compose.baselines import (
 from lorashelf.compose.fewshot import FewShotConfig, run_fewshot, summarise
 from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
+from lorashelf.lora import attach
+from lorashelf.merge import MERGES
+from lorashelf.methods import fewshot_methods
 from lorashelf.models import BaseModel
-from lorashelf.route import attach
+
+FEWSHOT_METHODS = fewshot_methods()
 
 
 def logits_of(model, tok):
@@ -38,9 +41,18 @@ def ctx(model, tiny_tokenizer, make_library, shots):
     )
 
 
-def test_registry_lists_the_comparisons():
-    assert FEWSHOT_METHODS.names() == ["gradient", "icl", "lora", "lorahub", "uniform", "zero-shot"]
+def test_table_holds_the_comparisons_and_every_merge():
+    from lorashelf.compose.fewshot import DEFAULT_METHODS, all_methods
+
+    assert set(DEFAULT_METHODS) <= set(FEWSHOT_METHODS.names())
+    assert set(MERGES.names()) <= set(FEWSHOT_METHODS.names())
+    assert all_methods(FEWSHOT_METHODS)[: len(DEFAULT_METHODS)] == DEFAULT_METHODS
+    # methods that ignore the shots run once per task, the others once per seed
+    for name in MERGES.names():
+        assert not FEWSHOT_METHODS.get(name).seeded
     assert not FEWSHOT_METHODS.get("zero-shot").seeded and FEWSHOT_METHODS.get("lorahub").seeded
+    with pytest.raises(LorashelfError, match="did you mean: lorahub"):
+        FEWSHOT_METHODS.get("lorahb")
 
 
 @pytest.mark.parametrize("name", FEWSHOT_METHODS.names())
@@ -53,7 +65,7 @@ def test_method_builds_and_restores(ctx, name):
     finally:
         built.close()
     torch.testing.assert_close(logits_of(model, tok), before, atol=0, rtol=0)
-    changes_model = name not in ("zero-shot", "icl")
+    changes_model = name not in ("zero-shot", "icl")  # every merge changes it
     assert bool((during - before).abs().max() > 1e-6) == changes_model
     assert (built.task is ctx.task) == (name != "icl")
 
@@ -104,4 +116,4 @@ def test_summarise_mean_and_best():
 
 def test_unknown_method_is_refused():
     with pytest.raises(LorashelfError, match="did you mean: lorahub"):
-        FewShotConfig(methods=("lorahb",))
+        FEWSHOT_METHODS.get("lorahb")

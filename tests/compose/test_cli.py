@@ -24,7 +24,7 @@ def setup(tmp_path, make_library, mc_task_file):
 def test_compose_writes_an_expert_with_its_card(capsys, setup):
     lib_dir, task, tmp = setup
     rc, out, err = run(
-        capsys, "--home", tmp, "--device", "cpu", "compose", lib_dir, "--task", task,
+        capsys, "--home", tmp, "--device", "cpu", "compose", lib_dir, "--tasks", task,
         "--shots", 5, "--seed", 3, "--budget", 8, "--dtype", "fp32", "--json", tmp / "r.json",
     )  # fmt: skip
     assert rc == 0, err
@@ -39,7 +39,7 @@ def test_compose_writes_an_expert_with_its_card(capsys, setup):
     assert summary["weights"] == card["extra"]["weights"]
     # the same name again is refused before any work, with the fix
     rc, _, err = run(capsys, "--home", tmp, "--device", "cpu", "compose", lib_dir,
-                     "--task", task, "--seed", 3, "--budget", 2, "--dtype", "fp32")  # fmt: skip
+                     "--tasks", task, "--seed", 3, "--budget", 2, "--dtype", "fp32")  # fmt: skip
     assert rc == 2 and "already exists" in err and "--overwrite" in err
 
 
@@ -55,7 +55,7 @@ def test_compose_user_errors(capsys, setup, extra, needle):
     lib_dir, task, tmp = setup
     before = Library.open(lib_dir).names()
     rc, _, err = run(capsys, "--home", tmp, "--device", "cpu", "compose", lib_dir,
-                     "--task", task, "--budget", 2, "--dtype", "fp32", *extra)  # fmt: skip
+                     "--tasks", task, "--budget", 2, "--dtype", "fp32", *extra)  # fmt: skip
     assert rc == 2 and needle in err and err.count("\n") == 1
     assert Library.open(lib_dir).names() == before
 

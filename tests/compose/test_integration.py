@@ -35,7 +35,7 @@ def test_compose_real_model(real_home, ensure_bigbench, tmp_path, capsys):
         peft_model.save_pretrained(str(tmp_path / f"e{i}"))
         lib.add(tmp_path / f"e{i}", name=f"e{i}", card={"tasks": [f"toy:{i}"]})
     out = tmp_path / "result.json"
-    argv = ["--home", str(real_home), "compose", str(lib.path), "--task", TASK, "--budget", "6",
+    argv = ["--home", str(real_home), "compose", str(lib.path), "--tasks", TASK, "--budget", "6",
             "--popsize", "6", "--name", "hub", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert "added hub" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lorashelf.compose import PopulationScorer, composed_factors, encode_shots, resolve_experts
-from lorashelf.route import attach
+from lorashelf.lora import attach
 
 WEIGHTS = [0.7, -1.2, 0.3, 1.4]
 

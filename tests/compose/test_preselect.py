@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 
 from lorashelf.compose import PRESELECTORS, ComposeConfig, compose
+from lorashelf.errors import LorashelfError
 
 
 def hf_loss(tiny_model, tok, path, shots, ref_batch):
@@ -19,8 +20,12 @@ def hf_loss(tiny_model, tok, path, shots, ref_batch):
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-def test_registry_lists_both():
-    assert PRESELECTORS.names() == ["arrow", "loss"]
+def test_registry_holds_loss_and_arrow():
+    """Both preselectors the docs name are registered; a typo names the close one."""
+    assert "loss" in PRESELECTORS and "arrow" in PRESELECTORS
+    assert PRESELECTORS.get("loss") is not PRESELECTORS.get("arrow")
+    with pytest.raises(LorashelfError, match="did you mean: loss"):
+        PRESELECTORS.get("los")
 
 
 def test_loss_preselection_keeps_the_lowest_losses(

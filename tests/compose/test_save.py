@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from lorashelf.compose import ComposeConfig, compose, save_composition
-from lorashelf.route import attach
+from lorashelf.lora import attach
 
 
 def logits_of(model, tok, text="the quick brown fox"):
@@ -97,7 +97,7 @@ def test_modules_of_different_ranks_use_rank_pattern(
     from lorashelf.library import Library, read_lora_factors
 
     a = read_lora_factors(make_adapter("a", 1))
-    b = read_lora_factors(make_adapter("b", 2, targets=("q_proj",)))
+    b = read_lora_factors(make_adapter("b", 2, target_modules=["q_proj"]))
     experts = [("a", a), ("b", b)]
     res = compose(model, tiny_tokenizer, experts, shots,
                   ComposeConfig(mix="output", budget=4, save_rank=0))  # fmt: skip

@@ -10,8 +10,8 @@ import torch
 
 from lorashelf.cli import main
 from lorashelf.data.task import Example, Task
-from lorashelf.evaluate.methods import METHODS, MethodOptions, prepare
 from lorashelf.evaluate.runner import EvalConfig, evaluate
+from lorashelf.methods import MethodContext, method_names, prepare
 
 EXPERTS = {"alpha": ["t:alpha"], "beta": ["t:beta"], "gamma": ["t:gamma"]}
 
@@ -43,7 +43,7 @@ def add_random_gates(lib) -> None:
         save_gates(gates_dir(lib.path), adapter_checksum(exp), gates, {"test": True})
 
 
-@pytest.mark.parametrize("method", [m if m != "expert" else "expert:beta" for m in METHODS.names()])
+@pytest.mark.parametrize("method", [m if m != "expert" else "expert:beta" for m in method_names()])
 def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer):
     import copy
 
@@ -51,8 +51,8 @@ def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, t
     add_random_gates(lib)
     model = copy.deepcopy(tiny_model)
     before = logits(model, tiny_tokenizer)
-    opts = MethodOptions(top_k=2, oracle={"t:new": "t:gamma"})
-    prepared = prepare(method, model, lib, opts)
+    ctx = MethodContext(lib, oracle={"t:new": "t:gamma"})
+    prepared = prepare(method, model, ctx, {"top_k": 2})
     try:
         during = logits(model, tiny_tokenizer)
         cfg = EvalConfig(split="all", batch_size=4)
@@ -73,7 +73,7 @@ def test_expert_equals_peft_from_pretrained(tiny_library, tiny_model, tiny_token
 
     lib = tiny_library(EXPERTS)
     model = copy.deepcopy(tiny_model)
-    prepared = prepare("expert:beta", model, lib, MethodOptions())
+    prepared = prepare("expert:beta", model, MethodContext(lib))
     ours = logits(model, tiny_tokenizer)
     prepared.close()
     peft = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(lib.get("beta").path))
@@ -83,7 +83,7 @@ def test_expert_equals_peft_from_pretrained(tiny_library, tiny_model, tiny_token
 def test_oracle_switches_expert_per_task(tiny_library, tiny_model, tiny_tokenizer):
     import copy
 
-    from lorashelf.evaluate.methods import oracle_expert
+    from lorashelf.methods import oracle_expert
 
     lib = tiny_library(EXPERTS)
     names = lib.names()
@@ -96,12 +96,12 @@ def test_oracle_switches_expert_per_task(tiny_library, tiny_model, tiny_tokenize
     # the oracle's score on a task equals that expert's score
     model = copy.deepcopy(tiny_model)
     cfg = EvalConfig(split="all")
-    prep = prepare("oracle", model, lib, MethodOptions())
+    prep = prepare("oracle", model, MethodContext(lib))
     r_oracle = evaluate(
         model, tiny_tokenizer, [toy_task("t:gamma")], cfg, on_task=prep.on_task, show_progress=False
     )
     prep.close()
-    prep = prepare("expert:gamma", model, lib, MethodOptions())
+    prep = prepare("expert:gamma", model, MethodContext(lib))
     r_expert = evaluate(model, tiny_tokenizer, [toy_task("t:gamma")], cfg, show_progress=False)
     prep.close()
     assert r_oracle.tasks["t:gamma"].nll == pytest.approx(r_expert.tasks["t:gamma"].nll, abs=1e-5)
@@ -139,7 +139,7 @@ def test_phatgoose_without_gates_names_the_fix(tiny_library, tiny_model):
 
     lib = tiny_library(EXPERTS)
     with pytest.raises(LorashelfError, match="lorashelf gates train"):
-        prepare("phatgoose", copy.deepcopy(tiny_model), lib, MethodOptions())
+        prepare("phatgoose", copy.deepcopy(tiny_model), MethodContext(lib))
 
 
 def test_cli_eval_errors(tiny_library, tmp_path, capsys):

@@ -26,10 +26,11 @@ def test_metric_table_marks_best_per_row():
     assert acc[0] == ["task", "base", "arrow"]
     assert acc[1] == ["t1", "0.200", "**0.400**"]
     assert acc[2] == ["t2", "**0.500**", "0.300"]
-    assert acc[3] == ["mean", "0.350", "0.350"] or acc[3][0] == "mean"
+    assert acc[3] == ["mean", "**0.350**", "**0.350**"]  # a tie: both are the best
     nll = metric_table(RESULTS, "nll")
     assert nll[1] == ["t1", "2.000", "**1.500**"]
     assert nll[2] == ["t2", "**1.000**", "1.200"]
+    assert nll[3] == ["mean", "1.500", "**1.350**"]
 
 
 def test_write_report_md_and_self_contained_html(tmp_path):

@@ -1,15 +1,14 @@
-"""Fixtures for export tests: a tiny random Llama (4 heads, 2 KV heads, so q and k
-permute differently), its config dir, and a library of real PEFT adapters made on it."""
+"""Fixtures for export tests: the shared tiny random Llama at the GGUF tests' sizes (4
+heads, 2 KV heads, so q and k permute differently), its config dir, and a library of
+real PEFT adapters made on it by the shared adapter factory."""
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorashelf.library import Library
 
@@ -17,23 +16,11 @@ HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the library's recorded base
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 
-def tiny_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-
-
 @pytest.fixture(scope="session")
-def tiny_base() -> LlamaForCausalLM:
-    """Session-scoped: never modify it (deep-copy first)."""
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config()).eval()
+def tiny_base(kit) -> LlamaForCausalLM:
+    """The shared tiny Llama at hidden 32, MLP 48, vocab 96 (the GGUF tests' shapes).
+    Session-scoped: never modify it (deep-copy first)."""
+    return kit.make_model(vocab_size=96, hidden=32, intermediate=48)
 
 
 @pytest.fixture(scope="session")
@@ -44,26 +31,20 @@ def base_dir(tmp_path_factory, tiny_base) -> Path:
     return out
 
 
-def save_adapter(base: torch.nn.Module, out: Path, seed: int, **lora) -> Path:
-    """A PEFT adapter on ``base`` with random non-zero A and B, saved at ``out``."""
-    from peft import LoraConfig, get_peft_model
+@pytest.fixture
+def save_adapter(kit):
+    """``save_adapter(base, out, seed, **LoraConfig fields)``: a PEFT adapter on ``base``
+    with random non-zero A and B on every target, recorded for ``HUB_BASE``."""
 
-    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS} | lora
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(**kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(str(out))
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text()) | {"base_model_name_or_path": HUB_BASE}
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return out
+    def save(base: torch.nn.Module, out: Path, seed: int, **lora) -> Path:
+        lora = {"target_modules": TARGETS} | lora
+        return kit.write_adapter(base, out, seed=seed, base_id=HUB_BASE, **lora)
+
+    return save
 
 
 @pytest.fixture
-def library(tmp_path, tiny_base) -> Library:
+def library(tmp_path, tiny_base, save_adapter) -> Library:
     """A library with experts a, b (rank 4) and c (rank 8, alpha 4: another scale)."""
     lib = Library.open(tmp_path / "lib", create=True, base_model=HUB_BASE, allow_mixed=True)
     for name, seed, kw in (("a", 1, {}), ("b", 2, {}), ("c", 3, {"r": 8, "lora_alpha": 4})):

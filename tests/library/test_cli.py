@@ -48,13 +48,16 @@ def test_every_verb(tmp_path, run, make_adapter):
 
     rc, out, _ = run("ls", lib)
     assert rc == 0 and "logic" in out and "bigbench:logic" in out and "other" in out
-    rc, out, _ = run("ls", lib, "--json", "--task", "bigbench:logic")
+    rc, out, _ = run("ls", lib, "--json", "-", "--task", "bigbench:logic")
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["logic"]
-    assert rows[0] | {"created": ""} == {
-        "name": "logic", "tasks": "bigbench:logic", "rank": "4", "modules": "q_proj,v_proj",
+    assert rows[0] | {"created": ""} == {  # JSON types: a list of tasks, an int rank
+        "name": "logic", "tasks": ["bigbench:logic"], "rank": 4, "modules": ["q_proj", "v_proj"],
         "source": "import", "created": "",
     }  # fmt: skip
+    # the old bare --json still prints to stdout, with a deprecation line on stderr
+    rc, out, err = run("ls", lib, "--json", "--task", "bigbench:logic")
+    assert json.loads(out) == rows and "deprecated" in err
 
     rc, out, _ = run("show", lib, "logic", "--json")
     doc = json.loads(out)
@@ -79,7 +82,7 @@ def test_every_verb(tmp_path, run, make_adapter):
     weights = lib / "experts" / "logic" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     rc, out, err = run("verify", lib)
-    assert rc == 2 and "problem (corrupt)" in out and "adapter_model.safetensors" in out
+    assert rc == 1 and "problem (corrupt)" in out and "adapter_model.safetensors" in out
 
 
 def test_bad_input_exits_2(tmp_path, run, make_adapter, edit_config):
@@ -106,7 +109,7 @@ def test_ls_path_imports_no_torch(tmp_path, make_adapter):
     code = (
         "import sys\n"
         "from lorashelf.cli import build_parser\n"
-        f"args = build_parser().parse_args(['library', 'ls', {str(lib.path)!r}])\n"
+        f"args = build_parser('library').parse_args(['library', 'ls', {str(lib.path)!r}])\n"
         "assert args.func(args) == 0\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
         "print('heavy:', heavy)\n"

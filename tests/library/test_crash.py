@@ -76,8 +76,12 @@ def synthetic_adapter(path: Path, *, layers: int, d: int, r: int, seed: int) -> 
 
 
 def assert_all_complete(lib: Library) -> None:
-    """verify passes and every expert's bytes are exactly one of the source adapters'."""
+    """verify passes and every expert's bytes are exactly one of the source adapters';
+    a repair (what the next write does) leaves the same experts and an empty ``.tmp``."""
     assert lib.verify() == []
+    before = {e.name: e.card for e in lib}
+    lib.repair()
+    assert {e.name: e.card for e in lib} == before and lib.verify() == []
     assert list((lib.path / ".tmp").iterdir()) == []
     for expert in lib:
         src = Path(expert.card["extra"]["src"])

@@ -71,7 +71,7 @@ def test_add_get_round_trip_loses_nothing(lib, make_adapter):
     assert list(factors)[0] == "model.layers.0.self_attn.q_proj" and len(factors) == 4
 
 
-def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_llama):
+def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_model):
     from peft import PeftModel
 
     src = make_adapter("t", seed=2)
@@ -79,14 +79,14 @@ def test_peft_loads_library_expert_with_same_logits(lib, make_adapter, tiny_llam
     ids = torch.arange(12).reshape(2, 6)
 
     def logits(adapter_dir: Path) -> torch.Tensor:
-        model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(adapter_dir)).eval()
+        model = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(adapter_dir)).eval()
         with torch.no_grad():
             return model(ids).logits
 
     from_lib = logits(lib.path / "experts" / "logic")
     assert torch.equal(from_lib, logits(src))
     with torch.no_grad():
-        assert not torch.allclose(from_lib, tiny_llama(ids).logits)  # the adapter matters
+        assert not torch.allclose(from_lib, tiny_model(ids).logits)  # the adapter matters
     out = export_expert(expert, lib.path.parent / "exported")
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
@@ -238,13 +238,15 @@ def test_lost_or_corrupt_index_is_rebuilt(damage, lib, make_adapter, caplog):
         Path(f"{lib.path / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
     if damage == "garbage":
         (lib.path / "index.sqlite").write_bytes(b"this is not a database" * 100)
-    reopened = Library.open(lib.path)
+    reopened = Library.open(lib.path)  # readers work from the expert dirs, writing nothing
     assert {e.name: e.card for e in reopened} == cards
-    assert reopened.verify() == [] and [e.name for e in reopened.filter(task="t1")] == ["e1"]
-    assert "rebuilding" in caplog.text
-    if damage == "garbage":
-        assert list(lib.path.glob("index.sqlite.corrupt-*"))
+    assert [e.name for e in reopened.filter(task="t1")] == ["e1"]
+    assert [p.kind for p in reopened.verify()] == ["index"]
+    assert ("damaged" in caplog.text) == (damage == "garbage")
+    assert not list(lib.path.glob("index.sqlite.corrupt-*"))
     assert reopened.rebuild_index() == 3 and {e.name: e.card for e in reopened} == cards
+    assert reopened.verify() == []
+    assert bool(list(lib.path.glob("index.sqlite.corrupt-*"))) == (damage == "garbage")
 
 
 def test_crash_leftovers_are_reconciled_on_open(lib, make_adapter):
@@ -267,7 +269,10 @@ def test_crash_leftovers_are_reconciled_on_open(lib, make_adapter):
     shutil.copytree(lib.path / "experts/d", lib.path / "d2")  # dir replaced behind our back
     shutil.rmtree(lib.path / "experts/d")
     os.rename(lib.path / "d2", lib.path / "experts/d")
-    again = Library.open(lib.path)
+    again = Library.open(lib.path)  # a reader sees the reconciled state, changes nothing
+    assert again.names() == ["a", "b", "d"] and len(list(tmp.iterdir())) == 4
+    assert again.get("b").read_file("adapter_model.safetensors") == bytes_b
+    again.repair()  # what the next write does
     assert again.names() == ["a", "b", "d"] and list(tmp.iterdir()) == []
     assert (lib.path / "experts/b/adapter_model.safetensors").read_bytes() == bytes_b
     assert again.verify() == []
@@ -279,11 +284,13 @@ def test_live_staging_dir_is_left_alone(lib):
 
     staged, fd = make_staging_dir(lib.path / ".tmp")
     try:
-        Library.open(lib.path)
+        Library.open(lib.path).repair()
         assert staged.exists()  # a live writer holds it
     finally:
         unlock_dir(fd)
     Library.open(lib.path)
+    assert staged.exists()  # readers never delete anything
+    Library.open(lib.path).repair()
     assert not staged.exists()
 
 

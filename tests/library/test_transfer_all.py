@@ -105,7 +105,7 @@ def test_import_all_checks_every_adapter_before_adding_any(tmp_path, make_adapte
 
 
 def test_export_all_round_trips_names_tasks_and_bytes_and_loads_in_peft(
-    tmp_path, run, make_adapter, tiny_llama
+    tmp_path, run, make_adapter, tiny_model
 ):
     from peft import PeftModel
 
@@ -117,7 +117,7 @@ def test_export_all_round_trips_names_tasks_and_bytes_and_loads_in_peft(
     shared = tmp_path / "shared"
     manifest = json.loads((shared / "lorashelf_export.json").read_text())
     assert manifest["experts"] == ["exp0", "exp1"] and manifest["base_model"] == HUB_BASE
-    PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(shared), subfolder="exp1")
+    PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(shared), subfolder="exp1")
     back = new_lib(tmp_path / "lib2")
     assert [e.name for e in import_all(back, str(shared))] == ["exp0", "exp1"]
     for name in ("exp0", "exp1"):

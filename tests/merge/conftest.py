@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 # q_proj [64, 64], v_proj [32, 64] (2 kv heads), up_proj [128, 64]: three shapes.
-TARGETS = ("q_proj", "v_proj", "up_proj")
+TARGETS = ["q_proj", "v_proj", "up_proj"]
 PREFIX = "base_model.model."
 
 
@@ -42,26 +42,25 @@ def peft_factors(model: PeftModel, adapter: str = "default") -> dict[str, Factor
     return out
 
 
-def make_peft(base, seed: int, r: int = 4, alpha: int = 8, targets=TARGETS) -> PeftModel:
-    """A random (non-zero B) LoRA on a copy of ``base``."""
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
-    return get_peft_model(copy.deepcopy(base), cfg).eval()
+@pytest.fixture(scope="session")
+def make_expert(tiny_model, kit) -> Callable[..., PeftModel]:
+    """``make_expert(seed, r=4, alpha=8)``: a random (non-zero B) LoRA on a copy of the
+    tiny model, on the three target shapes."""
+
+    def make(seed: int, r: int = 4, alpha: int = 8) -> PeftModel:
+        return kit.peft_lora(tiny_model, seed=seed, r=r, lora_alpha=alpha, target_modules=TARGETS)
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def peft_experts(tiny_model) -> list[PeftModel]:
-    return [make_peft(tiny_model, seed) for seed in (1, 2, 3)]
+def peft_experts(make_expert) -> list[PeftModel]:
+    return [make_expert(seed) for seed in (1, 2, 3)]
 
 
 @pytest.fixture(scope="session")
 def experts(peft_experts) -> list[dict[str, Factors]]:
     return [peft_factors(m) for m in peft_experts]
-
-
-@pytest.fixture(scope="session")
-def make_expert(tiny_model) -> Callable[..., PeftModel]:
-    return lambda seed, **kw: make_peft(tiny_model, seed, **kw)
 
 
 @pytest.fixture(scope="session")

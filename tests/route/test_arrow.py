@@ -58,7 +58,7 @@ def test_config_validation_clamp_and_empty(model, experts) -> None:
 
 def test_single_expert_routes_everything_to_it(kit, model, shapes, ids, tmp_path) -> None:
     factors = kit.random_factors(shapes, seed=11)
-    path = kit.write_peft_adapter(model, factors, tmp_path / "a", alpha=8)
+    path = kit.write_adapter(model, tmp_path / "a", factors, lora_alpha=8)
     peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()
     with (
         torch.no_grad(),

@@ -10,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from lorashelf.errors import LorashelfError
-from lorashelf.route import attach
+from lorashelf.lora import attach
 from lorashelf.route.arrow import ArrowRouter
 
 D_IN, D_OUT = 24, 40
@@ -174,7 +174,7 @@ def test_mixed_ranks_and_partial_modules(kit, model, shapes, ids) -> None:
 
 def test_one_expert_weight_one_equals_peft(kit, model, shapes, ids, tmp_path) -> None:
     factors = kit.random_factors(shapes, r=4, seed=5)
-    path = kit.write_peft_adapter(model, factors, tmp_path / "a", alpha=8)
+    path = kit.write_adapter(model, tmp_path / "a", factors, lora_alpha=8)
     loaded = kit.read_lora_factors(path)
     assert sorted(loaded) == sorted(shapes)
     peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()
@@ -236,7 +236,7 @@ def test_lora_dtype_float32_on_bf16_model_equals_peft(kit, model, shapes, ids, t
     LoRA branch; lora_dtype=float32 computes the same numbers (the default rounds the
     LoRA branch in bf16 and does not)."""
     factors = kit.random_factors(shapes, r=4, seed=7)
-    path = kit.write_peft_adapter(model, factors, tmp_path / "a", alpha=8)
+    path = kit.write_adapter(model, tmp_path / "a", factors, lora_alpha=8)
     loaded = kit.read_lora_factors(path)
     model = copy.deepcopy(model).to(torch.bfloat16)
     peft = PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()

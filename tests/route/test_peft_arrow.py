@@ -45,7 +45,7 @@ def adapters(kit, model, shapes, tmp_path):
     out = []
     for i in range(E):
         factors = kit.random_factors(shapes, seed=100 + i, gap=True, size=0.8)
-        path = kit.write_peft_adapter(model, factors, tmp_path / f"task{i}", alpha=8)
+        path = kit.write_adapter(model, tmp_path / f"task{i}", factors, lora_alpha=8)
         out.append((f"task{i}", path))
     return out
 

@@ -229,34 +229,48 @@ def test_router_in_the_mixture_layer_forward_and_generate(tmp_path, model, exper
 
 
 # ---------------------------------------------------------------- library + CLI
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny_model")
-    tiny_model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
 @pytest.fixture
-def library(tmp_path, model_dir, tiny_model, kit):
+def library(tmp_path, tiny_model_dir, tiny_model, kit):
     """A library of two experts (q_proj, v_proj) on the tiny model, each with a jsonl task."""
     from lorashelf.library import Library
 
-    lib = Library.open(tmp_path / "lib", create=True, base_model=str(model_dir))
+    lib = Library.open(tmp_path / "lib", create=True, base_model=str(tiny_model_dir))
     shapes = kit.module_shapes(tiny_model)
     for i, name in enumerate(["alpha", "beta"]):
         task = tmp_path / f"{name}.jsonl"
         rows = [{"input": f"Say {w}:", "target": w} for w in WORDS[i::2] * 3]
         task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        out = kit.write_peft_adapter(
-            tiny_model, kit.random_factors(shapes, seed=i), tmp_path / name, alpha=8
-        )
-        cfg = json.loads((out / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(model_dir)
-        (out / "adapter_config.json").write_text(json.dumps(cfg))
+        out = kit.write_adapter(
+            tiny_model, tmp_path / name, kit.random_factors(shapes, seed=i),
+            base_id=str(tiny_model_dir),
+        )  # fmt: skip
         card = {"tasks": [f"jsonl:{task}"], "source": "train", "training": {"split_seed": i + 3}}
         lib.add(out, name=name, card=card)
     return lib
+
+
+def hand_routed_logits(base, experts, gates, ids, k: int) -> torch.Tensor:
+    """The base model's logits with every gated module's output plus
+    ``sum_e w_e scale_e B_e A_e x``, ``w`` from :func:`reference_weights`: forward hooks
+    on a copy of the plain model, no mixture layer."""
+    model = copy.deepcopy(base)
+
+    def hook(name):
+        def add_experts(module, args, out):
+            x = args[0]
+            w = reference_weights(x, gates[name], k).to(out.dtype)
+            for e, (_, factors) in enumerate(experts):
+                f = factors[name]
+                out = out + w[..., e : e + 1] * f.scale * (x @ f.A.T @ f.B.T)
+            return out
+
+        return add_experts
+
+    for name, module in model.named_modules():
+        if name in gates:
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
 
 
 def run_cli(monkeypatch, tmp_path, *argv: str) -> int:
@@ -267,7 +281,7 @@ def run_cli(monkeypatch, tmp_path, *argv: str) -> int:
     return cli.main(["--home", str(tmp_path / "home"), "--device", "cpu", *argv])
 
 
-def test_cli_trains_missing_gates_resumably(library, monkeypatch, tmp_path, capsys, kit):
+def test_cli_trains_missing_gates_resumably(library, monkeypatch, tmp_path, capsys, tiny_model):
     from lorashelf.library import Library
 
     opts = ["--steps", "3", "--batch-size", "4", "--max-length", "48"]
@@ -304,25 +318,27 @@ def test_cli_trains_missing_gates_resumably(library, monkeypatch, tmp_path, caps
     assert run_cli(monkeypatch, tmp_path, "gates", "ls", lib_dir) == 0
     assert "2 of 2 experts have gates" in capsys.readouterr().out
 
-    # the stored gates route the library's experts
-    model = kit.tiny_llama()  # vocab 128 < the byte tokenizer's, shapes as the tiny model
+    # the stored gates route the library's experts: the routed logits are the hand
+    # computation of the top-2 mixture with the gates the CLI trained
+    model = copy.deepcopy(tiny_model)
     names = library.names()
     experts = [(n, library.get(n).lora_factors()) for n in names]
     sums = [library.get(n).files["adapter_model.safetensors"] for n in names]
+    trained = [load_gates(gates_dir(library.path), s).gates for s in sums]
+    gates = {m: torch.stack([g[m] for g in trained]) for m in experts[0][1]}
+    ids = torch.tensor([[5, 6, 7, 8]])
     cfg = PhatgooseConfig(gates_dir=str(gates_dir(library.path)))
     with build_routed_model(model, experts, "phatgoose", cfg, checksums=sums) as routed:
-        logits = routed(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
-    assert torch.isfinite(logits).all()
+        with torch.no_grad():
+            logits = routed(input_ids=ids).logits
+    want = hand_routed_logits(tiny_model, experts, gates, ids, cfg.top_k)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert (logits - tiny_model(input_ids=ids).logits).abs().max() > 1e-3
 
 
-def test_cli_refuses_experts_without_tasks(library, monkeypatch, tmp_path, capsys, kit):
-    src = kit.write_peft_adapter(
-        kit.tiny_llama(), kit.random_factors(kit.module_shapes(kit.tiny_llama()), seed=5),
-        tmp_path / "imported", alpha=8,
-    )  # fmt: skip
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = library.base_model
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+def test_cli_refuses_experts_without_tasks(library, monkeypatch, tmp_path, capsys, kit, tiny_model):
+    src = kit.write_adapter(tiny_model, tmp_path / "imported", seed=5, base_id=library.base_model)
     library.add(src, name="imported")
     rc = run_cli(monkeypatch, tmp_path, "gates", "train", str(library.path), "--steps", "1")
     assert rc == 2

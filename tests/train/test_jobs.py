@@ -9,9 +9,9 @@ import pytest
 
 from lorashelf.cli import main
 from lorashelf.errors import LorashelfError
+from lorashelf.jobs.train import Job, JobResult, plan_jobs, train_many
 from lorashelf.library import Library, safe_name
 from lorashelf.train import TrainConfig
-from lorashelf.train.jobs import Job, JobResult, plan_jobs, train_many
 
 CFG = TrainConfig(steps=3, batch_size=4, lr=1e-2, max_length=64, warmup=0.0)
 
@@ -118,9 +118,9 @@ def test_refuses_config_the_library_would_reject(tiny_model_dir, jsonl_tasks, tm
 def test_cli_train_end_to_end(tiny_model_dir, jsonl_tasks, tmp_path, capsys):
     lib = tmp_path / "lib"
     common = ["--home", str(tmp_path / "home"), "--device", "cpu", "train"]
-    opts = ["--library", str(lib), "--model", str(tiny_model_dir), "--steps", "2", "--quiet"]
+    opts = ["--model", str(tiny_model_dir), "--steps", "2", "--quiet"]
     opts += ["--batch-size", "4", "--max-length", "64", "--rank", "2", "--lr", "0.01"]
-    assert main([*common, *jsonl_tasks[:2], *opts]) == 0
+    assert main([*common, str(lib), "--tasks", ",".join(jsonl_tasks[:2]), *opts]) == 0
     out = capsys.readouterr().out
     assert "2 trained, 0 skipped" in out and "valid loss" in out
     with Library.open(lib) as library:
@@ -129,14 +129,17 @@ def test_cli_train_end_to_end(tiny_model_dir, jsonl_tasks, tmp_path, capsys):
         assert expert.card["training"]["rank"] == 2
         assert json.loads((expert.path / "adapter_config.json").read_text())["r"] == 2
     # rerun: skipped, printed; the model now comes from the library
+    # (with the old spelling, `train TASK... --library LIB`, which still works one release)
     rerun = [o for o in opts if o not in ("--model", str(tiny_model_dir))]
-    assert main([*common, *jsonl_tasks[:2], *rerun]) == 0
-    out = capsys.readouterr().out
-    assert out.count(": already in") == 2 and "0 trained, 2 skipped" in out
+    assert main([*common, *jsonl_tasks[:2], "--library", str(lib), *rerun]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count(": already in") == 2 and "0 trained, 2 skipped" in captured.out
+    assert "deprecated" in captured.err and "train LIB --tasks" in captured.err
     # joint + name errors are one line, exit 2
-    assert main([*common, *jsonl_tasks[:2], *opts, "--name", "x"]) == 2
+    new = [*common, str(lib), "--tasks", ",".join(jsonl_tasks[:2]), *opts]
+    assert main([*new, "--name", "x"]) == 2
     assert "--joint NAME" in capsys.readouterr().err
-    assert main([*common, *jsonl_tasks[:2], *opts, "--joint", "shared"]) == 0
+    assert main([*new, "--joint", "shared"]) == 0
     with Library.open(lib) as library:
         assert library.get("shared").card["tasks"] == jsonl_tasks[:2]
 

@@ -1,0 +1,269 @@
+"""The served model: one base model with every expert of its libraries attached.
+
+A :class:`Bank` reads its libraries (kept open: SQLite readers see each new commit,
+and a library add renames the finished expert into place before its index row is
+committed, so a half-written expert is never listed; its files are checked against
+their sha256 when read), attaches all experts plus the virtual ones with
+:func:`lorashelf.lora.attach` and one :class:`~lorashelf.serve.plan.BatchRouter` per
+module, and turns each request's :class:`~lorashelf.serve.compositions.Composition`
+into a :class:`~lorashelf.serve.plan.RowSpec`. Routers and TIES deltas are built on
+first use and cached (a few variants each: per-request top-k, temperature, subsets).
+Only the engine's worker thread calls :meth:`prepare` and :meth:`refresh`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorashelf.errors import LorashelfError, did_you_mean
+from lorashelf.library import Library
+from lorashelf.serve.compositions import DEFAULT_TOP_K, Composition, UnknownModel
+from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
+
+CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The experts of each library at the last refresh: ``{library: {expert: sha256}}``."""
+
+    experts: Mapping[str, Mapping[str, str]]
+    gates: Mapping[str, bool]  # library -> every expert has PHATGOOSE gates
+
+
+class Bank:
+    """The base model, its libraries and the attached mixture (see module docstring)."""
+
+    def __init__(self, model: nn.Module, libraries: Mapping[str, Library]) -> None:
+        self.model = model
+        self.libraries = dict(libraries)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.plan = BatchPlan(self.device)
+        self.snapshot = Snapshot({}, {})
+        self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
+        self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        self.columns: dict[str, int] = {}
+        self._routers: OrderedDict[Hashable, dict] = OrderedDict()
+        self._deltas: OrderedDict[Hashable, dict] = OrderedDict()
+        self._handle = None
+        self._wrapped: dict[str, DeltaLinear] = {}
+        self._loaded = False
+        self.refresh()
+
+    # ------------------------------------------------------------ library state
+    def read_snapshot(self) -> Snapshot:
+        from lorashelf.route.gate_store import gates_dir, gates_path
+
+        experts, gates = {}, {}
+        for lib_name, lib in self.libraries.items():
+            experts[lib_name] = {e.name: e.files.get("adapter_model.safetensors", "") for e in lib}
+            d = gates_dir(lib.path)
+            sums = experts[lib_name].values()
+            gates[lib_name] = bool(sums) and all(gates_path(d, s).is_file() for s in sums if s)
+        return Snapshot(experts, gates)
+
+    def refresh(self) -> bool:
+        """Re-read the libraries; re-attach if an expert came, went or changed."""
+        snap = self.read_snapshot()
+        if snap == self.snapshot and self._loaded:
+            return False
+        old = self.snapshot.experts
+        for lib_name, experts in snap.experts.items():
+            for name, sha in experts.items():
+                col = f"{lib_name}/{name}"
+                if col not in self.factors or old.get(lib_name, {}).get(name) != sha:
+                    lib = self.libraries[lib_name]
+                    self.factors[col] = lib.get(name).lora_factors(self.device, self.dtype)
+        live = {f"{lib}/{n}" for lib, ex in snap.experts.items() for n in ex}
+        self.factors = {c: f for c, f in self.factors.items() if c in live}
+        self.snapshot = snap
+        self.virtual.clear()
+        self._routers.clear()
+        self._deltas.clear()
+        self._attach()
+        self._loaded = True
+        return True
+
+    def compositions(self) -> list[Composition]:
+        """Every composition a model id names: base, each expert, merges, routers."""
+        out = []
+        for lib, experts in self.snapshot.experts.items():
+            out.append(Composition(lib))
+            out += [Composition(lib, "expert", (n,)) for n in experts]
+            if experts:
+                out += [Composition(lib, k) for k in ("uniform", "ties", "arrow")]
+            if self.snapshot.gates.get(lib):
+                out.append(Composition(lib, "phatgoose"))
+        return out
+
+    def model_ids(self) -> list[str]:
+        return [c.model_id() for c in self.compositions()]
+
+    # ------------------------------------------------------------ attachment
+    def _attach(self) -> None:
+        from lorashelf.lora import attach
+
+        self._detach()
+        experts = [(c, f) for c, f in self.factors.items()]
+        experts += [(self._virtual_column(k), f) for k, f in self.virtual.items()]
+        self.columns = {name: i for i, (name, _) in enumerate(experts)}
+        if not experts:
+            return
+        modules = sorted({m for _, f in experts for m in f})
+        for m in modules:
+            base = self.model.get_submodule(m)
+            self._wrapped[m] = DeltaLinear(base, m, self.plan)
+            _set_module(self.model, m, self._wrapped[m])
+        self._handle = attach(self.model, experts, routers={})
+        self._handle.set_routers(
+            {
+                m: BatchRouter(m, layer.members, self.plan)
+                for m, layer in self._handle.layers.items()
+            }
+        )
+
+    def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.detach()
+            self._handle = None
+        for m, wrapped in self._wrapped.items():
+            _set_module(self.model, m, wrapped.original())
+        self._wrapped = {}
+
+    def close(self) -> None:
+        self._detach()
+
+    @staticmethod
+    def _virtual_column(key: Hashable) -> str:
+        return ":".join(str(k) for k in key if k is not None)
+
+    # ------------------------------------------------------------ requests
+    def resolve(self, comp: Composition) -> RowSpec:
+        """The row spec of ``comp``; unknown experts raise (UnknownModel for a model id's)."""
+        experts = self.snapshot.experts.get(comp.library)
+        if experts is None:
+            raise UnknownModel(comp.library, self.model_ids())
+        names = comp.experts
+        for n in names or ():
+            if n not in experts:
+                if comp.kind == "expert":
+                    raise UnknownModel(f"{comp.library}/{n}", self.model_ids())
+                raise LorashelfError(
+                    f"no expert {n!r} in library {comp.library}{did_you_mean(n, experts)}"
+                )
+        if comp.kind == "base":
+            return RowSpec()
+        if comp.kind in ("expert", "weights"):
+            ws = comp.weights or (1.0,)
+            return RowSpec(fixed=tuple((f"{comp.library}/{n}", w) for n, w in zip(names, ws)))
+        if not experts:
+            raise LorashelfError(f"library {comp.library} has no experts to {comp.kind}")
+        subset = tuple(sorted(names)) if names else None
+        if comp.kind == "uniform":
+            key = ("uniform", comp.library, ",".join(subset) if subset else None)
+            return RowSpec(fixed=((self._virtual_column(key), 1.0),), virtual=key)
+        if comp.kind == "ties":
+            return RowSpec(dense=("ties", comp.library, subset, comp.density))
+        if comp.kind == "phatgoose" and not self.snapshot.gates.get(comp.library):
+            raise LorashelfError(
+                f"library {comp.library} has experts without PHATGOOSE gates; train them "
+                f"with `lorashelf gates train {self.libraries[comp.library].path}`"
+            )
+        top_k = comp.top_k or DEFAULT_TOP_K[comp.kind]
+        temp = comp.temperature if comp.kind == "arrow" else None
+        return RowSpec(routed=(comp.kind, comp.library, subset, top_k, temp))
+
+    def prepare(self, specs: Sequence[RowSpec], record: bool) -> None:
+        """Make what ``specs`` need (virtual experts, routers, deltas) and set the plan."""
+        missing = [
+            s.virtual for s in specs if s.virtual is not None and s.virtual not in self.virtual
+        ]
+        for key in dict.fromkeys(missing):
+            self.virtual[key] = self._uniform(key)
+            while len(self.virtual) > CACHED_VARIANTS:
+                self.virtual.popitem(last=False)
+        if missing:
+            self._attach()
+        self.plan.set_rows(specs, self.columns, record)
+        self.plan.routers = {
+            k: self._cached(self._routers, k, self._build_routers) for k, _ in self.plan.routed
+        }
+        self.plan.deltas = {
+            k: self._cached(self._deltas, k, self._build_delta) for k, _ in self.plan.dense
+        }
+
+    @staticmethod
+    def _cached(cache: OrderedDict, key: Hashable, build) -> Any:
+        if key not in cache:
+            cache[key] = build(key)
+            while len(cache) > CACHED_VARIANTS:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    def _members(self, lib: str, subset: tuple[str, ...] | None) -> list[str]:
+        return list(subset) if subset else list(self.snapshot.experts[lib])
+
+    def _uniform(self, key: Hashable) -> dict[str, Any]:
+        from lorashelf.merge import merge
+
+        _, lib, subset = key
+        names = self._members(lib, tuple(subset.split(",")) if subset else None)
+        return merge([self.factors[f"{lib}/{n}"] for n in names], "uniform").modules
+
+    def _build_delta(self, key: Hashable) -> dict[str, torch.Tensor]:
+        from lorashelf.merge import TiesConfig, merge
+
+        _, lib, subset, density = key
+        names = self._members(lib, subset)
+        merged = merge(
+            [self.factors[f"{lib}/{n}"] for n in names], "ties", TiesConfig(density=density)
+        )
+        return {m: merged.delta(m).to(self.device, self.dtype) for m in merged.names()}
+
+    def _build_routers(self, key: Hashable) -> dict[str, tuple[Any, torch.Tensor]]:
+        from lorashelf.route import ROUTERS, RouterContext
+
+        kind, lib, subset, top_k, temp = key
+        names = self._members(lib, subset)
+        experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
+        spec = ROUTERS.get(kind)
+        fields: dict[str, Any] = {"top_k": min(top_k, len(names))}
+        if kind == "arrow":
+            fields["temperature"] = temp
+        if kind == "phatgoose":
+            from lorashelf.route.gate_store import gates_dir
+
+            fields["gates_dir"] = str(gates_dir(self.libraries[lib].path))
+        sums = [self.snapshot.experts[lib][n] for n in names]
+        library = self.libraries[lib]
+        ctx = RouterContext(
+            experts, checksums=sums, cache_dir=library.path / "cache", device=self.device
+        )
+        routers = spec.build(spec.config_cls(**fields), ctx)
+        out = {}
+        for m, router in routers.items():
+            layer = self._handle.layers[m]
+            position = {int(c): j for j, c in enumerate(layer.members.tolist())}
+            present = [n for n in names if m in self.factors[f"{lib}/{n}"]]
+            cols = [position[self.columns[f"{lib}/{n}"]] for n in present]
+            if isinstance(router, nn.Module):
+                router.to(self.device)
+            out[m] = (router, torch.tensor(cols, device=self.device))
+        return out
+
+    def expert_label(self, column: int) -> str:
+        """The column's name as a user sees it (``LIB/EXPERT`` or a virtual expert)."""
+        return next(n for n, i in self.columns.items() if i == column)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,183 @@
+"""What a request asks the served model to be: a :class:`Composition` of a library.
+
+A composition is the base model, one expert (a trained, imported or LoraHub-composed
+one: they are all experts of the library), an explicit weighting of experts (LoRAX's
+per-request linear merge: the experts' outputs weighted), a weight-space merge
+(``uniform``: the mean of the experts' A and of their B, Ostapenko et al. 2024, arXiv
+2405.11157; ``ties``: TIES on the dense deltas, Yadav et al. 2023, arXiv 2306.01708),
+or per-token routing (``arrow``, ``phatgoose``), optionally over a subset of experts.
+
+Model ids name the common ones (``LIB``, ``LIB/EXPERT``, ``LIB:arrow``, ``LIB:uniform``,
+``LIB:ties``, ``LIB:phatgoose``); ``lorashelf generate --method`` and the request body's
+``lorashelf`` object (what the ``openai`` client sends as ``extra_body``) name the rest
+with eval's method names plus ``weights:NAME=0.7,NAME=0.3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lorashelf.errors import LorashelfError, did_you_mean
+
+MERGES = ("uniform", "ties")
+ROUTED = ("arrow", "phatgoose")
+KINDS = ("base", "expert", "weights", *MERGES, *ROUTED)
+OPTIONS = ("method", "top_k", "temperature", "experts", "weights", "merge", "density")
+DEFAULT_TOP_K = {"arrow": 4, "phatgoose": 2}  # the routers' own defaults
+
+
+class UnknownModel(LorashelfError):
+    """A model id (or its expert) that is not served: the server's 404."""
+
+    def __init__(self, model: str, served: Sequence[str]) -> None:
+        super().__init__(
+            f"the model {model!r} is not served{did_you_mean(model, served)}; "
+            "GET /v1/models (or `lorashelf library ls LIB`) lists them"
+        )
+        self.model = model
+
+
+@dataclass(frozen=True)
+class Composition:
+    """One servable composition of library ``library`` (hashable: a cache key)."""
+
+    library: str
+    kind: str = "base"
+    experts: tuple[str, ...] | None = None  # subset, the one expert, or the weighted ones
+    weights: tuple[float, ...] | None = None  # kind "weights": one per expert
+    top_k: int | None = None  # routed: experts per token (None: the router's default)
+    temperature: float = 1.0  # arrow: routing softmax temperature
+    density: float = 0.2  # ties: fraction of each task vector kept
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LorashelfError(f"unknown method {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind == "expert" and (not self.experts or len(self.experts) != 1):
+            raise LorashelfError("method expert needs exactly one expert: expert:NAME")
+        if self.kind == "weights":
+            if not self.experts or self.weights is None or len(self.weights) != len(self.experts):
+                raise LorashelfError("weights need one weight per expert: weights:A=0.7,B=0.3")
+        if self.top_k is not None and self.top_k < 1:
+            raise LorashelfError(f"top_k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise LorashelfError(f"router temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.density <= 1.0:
+            raise LorashelfError(f"ties density must be in (0, 1], got {self.density}")
+
+    @property
+    def routed(self) -> bool:
+        return self.kind in ROUTED
+
+    def model_id(self) -> str:
+        """The model id that names this composition (without per-request options)."""
+        if self.kind == "base":
+            return self.library
+        if self.kind == "expert":
+            return f"{self.library}/{self.experts[0]}"
+        return f"{self.library}:{self.kind}"
+
+
+def parse_model_id(model: str, libraries: Sequence[str], served: Sequence[str]) -> Composition:
+    """``LIB``, ``LIB/EXPERT`` or ``LIB:METHOD`` -> a composition (expert names unchecked;
+    ``served`` are the model ids that a "did you mean" suggests)."""
+    if model in libraries:
+        return Composition(model)
+    lib, slash, expert = model.partition("/")
+    if slash and lib in libraries and expert:
+        return Composition(lib, "expert", (expert,))
+    lib, colon, method = model.rpartition(":")
+    if colon and lib in libraries:
+        try:
+            return parse_method(lib, method)
+        except LorashelfError:
+            pass
+    raise UnknownModel(model, served)
+
+
+def parse_method(library: str, method: str) -> Composition:
+    """eval's method names (``base``, ``expert:NAME``, ``uniform``, ``ties``, ``arrow``,
+    ``phatgoose``) plus ``weights:NAME=W,NAME=W``."""
+    kind, _, arg = method.strip().partition(":")
+    if kind == "expert":
+        if not arg:
+            raise LorashelfError("use expert:NAME to pick an expert")
+        return Composition(library, "expert", (arg,))
+    if kind == "weights":
+        pairs = [p.partition("=") for p in arg.split(",") if p]
+        try:
+            weights = tuple(float(w) for _, _, w in pairs)
+        except ValueError:
+            raise LorashelfError(f"bad weights {arg!r}: use weights:NAME=0.7,NAME=0.3") from None
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise LorashelfError(f"bad weights {arg!r}: use weights:NAME=0.7,NAME=0.3")
+        return Composition(library, "weights", tuple(n for n, _, _ in pairs), weights)
+    if kind not in KINDS or arg:
+        raise LorashelfError(
+            f"unknown method {method!r}; use base, expert:NAME, weights:NAME=W,..., "
+            f"{', '.join(MERGES + ROUTED)}"
+        )
+    return Composition(library, kind)
+
+
+def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Composition:
+    """Apply a request's ``lorashelf`` options (method, top_k, temperature, experts,
+    weights, merge, density) to the composition its model id names."""
+    if not options:
+        return comp
+    unknown = sorted(set(options) - set(OPTIONS) - {"return_routing"})
+    if unknown:
+        raise LorashelfError(
+            f"unknown lorashelf option {unknown[0]!r}; known: {', '.join(OPTIONS)}"
+        )
+    if options.get("method") is not None:
+        comp = parse_method(comp.library, _typed(options, "method", str))
+    fields: dict[str, Any] = {}
+    if options.get("merge") is not None:
+        merge = _typed(options, "merge", str)
+        if merge not in MERGES:
+            raise LorashelfError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        fields["kind"] = merge
+    if options.get("experts") is not None:
+        experts = options["experts"]
+        if (
+            not isinstance(experts, list)
+            or not experts
+            or not all(isinstance(e, str) for e in experts)
+        ):
+            raise LorashelfError("lorashelf.experts must be a non-empty list of expert names")
+        fields["experts"] = tuple(experts)
+    if options.get("weights") is not None:
+        fields["kind"] = "weights"
+        fields.update(_weights(options["weights"], fields.get("experts")))
+    for key, typ in (("top_k", int), ("temperature", float), ("density", float)):
+        if options.get(key) is not None:
+            fields[key] = _typed(options, key, typ)
+    if fields.get("kind", comp.kind) == "expert" and "experts" in fields:
+        raise LorashelfError(
+            "lorashelf.experts applies to merges, weights and routing, not one expert"
+        )
+    return dataclasses.replace(comp, **fields)
+
+
+def _weights(raw: Any, experts: tuple[str, ...] | None) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        if not raw or not all(isinstance(v, (int, float)) for v in raw.values()):
+            raise LorashelfError('lorashelf.weights must map expert names to numbers: {"a": 0.7}')
+        return {"experts": tuple(raw), "weights": tuple(float(v) for v in raw.values())}
+    if isinstance(raw, list) and experts and len(raw) == len(experts):
+        if all(isinstance(v, (int, float)) for v in raw):
+            return {"weights": tuple(float(v) for v in raw)}
+    raise LorashelfError(
+        "lorashelf.weights must be {name: weight} or a list of numbers, one per lorashelf.experts"
+    )
+
+
+def _typed(options: Mapping[str, Any], key: str, typ: type) -> Any:
+    value = options[key]
+    ok = isinstance(value, typ) or (typ is float and isinstance(value, int))
+    if not ok or isinstance(value, bool):
+        raise LorashelfError(f"lorashelf.{key} must be a {typ.__name__}, got {value!r}")
+    return typ(value)

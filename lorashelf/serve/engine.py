@@ -1,0 +1,321 @@
+"""Batched generation: a bounded queue, a short batching window, one KV-cached decode loop.
+
+Requests wait in a bounded queue (a full queue is refused at once, the server's 503).
+The worker thread takes the first waiting request, waits up to ``window_s`` for more
+(up to ``max_batch``) and runs them as one batch to the end: the prompts are
+left-padded, the attention mask hides the padding and the position ids count only
+real tokens (``cumsum(mask) - 1``), so every row sees exactly the positions and keys
+it would see alone; one prefill fills a KV cache, then each decode step feeds every
+live row its last token. A row that finishes (end of sequence, a stop string, its
+token budget) or whose client went away is dropped from the cache and the plan, so
+the others do not pay for it. New requests wait for the next batch (static batching:
+simple and exact; a running batch never changes its rows' inputs). The library is
+re-read between batches, never under a running one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorashelf.errors import LorashelfError
+from lorashelf.serve.bank import Bank
+from lorashelf.serve.compositions import Composition, UnknownModel
+from lorashelf.serve.sampling import SamplingParams, TextStream, next_tokens, top_logprobs
+
+log = logging.getLogger("lorashelf.serve")
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """The engine's queue is full; the client should retry later."""
+
+
+@dataclass
+class Event:
+    """What the engine reports about a request, in order: ``prompt`` (echo), ``token``
+    (one per generated token), then ``done`` or ``error``."""
+
+    kind: str
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top: dict[int, float] | None = None  # token id -> logprob
+    routing: list[tuple[str, float]] | None = None  # top experts of this token
+    tokens: list[int] | None = None  # prompt: its ids
+    logprobs: list[float | None] | None = None  # prompt: each token's logprob
+    tops: list[dict[int, float] | None] | None = None
+    finish_reason: str | None = None
+    status: int = 500  # error: the HTTP status it maps to
+
+
+@dataclass
+class Request:
+    """One prompt to complete with one composition; events go to ``on_event``."""
+
+    prompt: list[int]
+    composition: Composition
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    return_routing: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False  # set by the client side; the row is dropped at the next step
+    created: float = field(default_factory=time.monotonic)
+
+
+class _Row:
+    """A request while its batch runs."""
+
+    def __init__(self, req: Request, spec: Any, tokenizer: Any) -> None:
+        self.req, self.spec = req, spec
+        self.stream = TextStream(tokenizer, req.params.stop)
+        self.generator = req.params.generator()
+        self.generated = 0
+
+
+class Engine:
+    """Owns the model on one worker thread; ``submit`` from any thread."""
+
+    def __init__(
+        self,
+        bank: Bank,
+        tokenizer: Any,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        window_s: float = 0.01,
+    ) -> None:
+        self.bank, self.tokenizer = bank, tokenizer
+        self.max_batch, self.window_s = max_batch, window_s
+        self.queue: queue.Queue[Request] = queue.Queue(max_queue)
+        self.context = int(getattr(bank.model.config, "max_position_embeddings", 2048))
+        eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        params = inspect.signature(bank.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._reload = threading.Event()
+        self._reloaded = threading.Condition()
+        self._reloads = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # held while the model runs (a batch or a reload)
+
+    # ------------------------------------------------------------ client side
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse a request that cannot fit the model's context (the server's 400)."""
+        if not prompt:
+            raise LorashelfError("the prompt is empty; send at least one token")
+        if len(prompt) + params.max_tokens > self.context:
+            raise LorashelfError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}, "
+                f"more than the model's context of {self.context} tokens; shorten the prompt "
+                "or lower max_tokens"
+            )
+
+    def submit(self, req: Request) -> None:
+        self.check(req.prompt, req.params)
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"the queue is full ({self.queue.maxsize} requests)") from None
+
+    def request_reload(self, wait: bool = True, timeout: float = 60.0) -> None:
+        """Re-read the libraries between batches (wait for it unless ``wait=False``)."""
+        with self._reloaded:
+            target = self._reloads + 1
+            self._reload.set()
+            if wait:
+                self._reloaded.wait_for(lambda: self._reloads >= target, timeout)
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="lorashelf-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------ worker side
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self._reload.is_set():
+                self._do_reload()
+            try:
+                first = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(
+                        self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+            self.run_batch(batch)
+
+    def _do_reload(self) -> None:
+        with self._reloaded:
+            self._reload.clear()
+            try:
+                with self.lock:
+                    if self.bank.refresh():
+                        log.info("library changed: now serving %d experts", len(self.bank.factors))
+            except Exception:  # a broken library must not stop the server
+                log.exception("reloading the libraries failed; still serving the previous state")
+            self._reloads += 1
+            self._reloaded.notify_all()
+
+    def run_batch(self, batch: list[Request]) -> None:
+        """Run ``batch`` to the end; every request gets its events (errors included)."""
+        rows = []
+        for req in batch:
+            if req.cancelled:
+                continue
+            try:
+                rows.append(_Row(req, self.bank.resolve(req.composition), self.tokenizer))
+            except UnknownModel as e:
+                _emit(req, Event("error", text=str(e), status=404))
+            except LorashelfError as e:
+                _emit(req, Event("error", text=str(e), status=400))
+        if not rows:
+            return
+        try:
+            with self.lock, torch.inference_mode():
+                self._generate(rows)
+        except Exception as e:  # never let one batch kill the worker
+            log.exception("a batch failed")
+            for row in rows:
+                _emit(row.req, Event("error", text=f"generation failed: {e}", status=500))
+
+    def _generate(self, rows: list[_Row]) -> None:
+        bank, device = self.bank, self.bank.device
+        record = any(r.req.return_routing for r in rows)
+        bank.prepare([r.spec for r in rows], record)
+        width = max(len(r.req.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.req.prompt) :] = torch.tensor(r.req.prompt)
+            mask[i, width - len(r.req.prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        echo = any(r.req.params.echo and r.req.params.logprobs is not None for r in rows)
+        cache = _new_cache(bank.model)
+        out = bank.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=0 if echo else 1, **{self._cache_kw: cache},
+        )  # fmt: skip
+        for i, r in enumerate(rows):
+            if r.req.params.echo:
+                _emit(r.req, self._prompt_event(r, out.logits[i] if echo else None, width))
+        logits = out.logits[:, -1].float()
+        while True:
+            keep = self._step(rows, logits)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, device=device)
+                rows = [rows[i] for i in keep]
+                cache.batch_select_indices(idx)
+                mask, positions = mask[idx], positions[idx]
+                last = [r.stream.ids[-1] for r in rows]
+                bank.prepare([r.spec for r in rows], record)
+            else:
+                last = [r.stream.ids[-1] for r in rows]
+                bank.plan.reset_record()
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            positions = positions[:, -1:] + 1
+            step_ids = torch.tensor(last, device=device)[:, None]
+            out = bank.model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, **{self._cache_kw: cache},
+            )  # fmt: skip
+            logits = out.logits[:, -1].float()
+
+    def _step(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Choose each row's next token, report it; the indices of rows that go on."""
+        routing = self.bank.plan.routing()
+        chosen = next_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        keep = []
+        for i, r in enumerate(rows):
+            req, p = r.req, r.req.params
+            if req.cancelled:
+                continue
+            if p.max_tokens == 0:
+                _emit(req, Event("done", finish_reason="length"))
+                continue
+            token = int(chosen[i])
+            ev = Event("token", token=token)
+            if p.logprobs is not None:
+                lp = logits[i].log_softmax(-1)
+                ev.logprob = float(lp[token])
+                ev.top = dict(zip(*top_logprobs(lp, p.logprobs)))
+            if req.return_routing and routing is not None:
+                ev.routing = self._top_experts(routing[i])
+            r.generated += 1
+            finish = None
+            if token in self.eos:
+                finish = "stop"
+            else:
+                ev.text = r.stream.push(token)
+                if r.stream.stopped:
+                    finish = "stop"
+                elif r.generated >= p.max_tokens:
+                    finish = "length"
+            _emit(req, ev)
+            if finish is None:
+                keep.append(i)
+            else:
+                _emit(req, Event("done", text=r.stream.flush(), finish_reason=finish))
+        return keep
+
+    def _top_experts(self, weights: torch.Tensor, n: int = 3) -> list[tuple[str, float]]:
+        vals, idx = weights.topk(min(n, weights.numel()))
+        return [
+            (self.bank.expert_label(int(c)), round(float(v), 4))
+            for v, c in zip(vals, idx)
+            if float(v) > 0
+        ]
+
+    def _prompt_event(self, row: _Row, logits: torch.Tensor | None, width: int) -> Event:
+        prompt = row.req.prompt
+        ev = Event("prompt", text=self.tokenizer.decode(prompt), tokens=list(prompt))
+        if logits is not None:
+            k = row.req.params.logprobs or 0
+            lp = logits[width - len(prompt) : -1].float().log_softmax(-1)  # predicts prompt[1:]
+            target = torch.tensor(prompt[1:], device=lp.device)
+            chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+            ev.logprobs = [None, *chosen]
+            ev.tops = [None] + [dict(zip(*top_logprobs(lp[j], k))) for j in range(len(prompt) - 1)]
+        return ev
+
+
+def _new_cache(model: torch.nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _emit(req: Request, ev: Event) -> None:
+    try:
+        req.on_event(ev)
+    except Exception:  # a broken listener must not stop the batch
+        log.exception("request %d: its listener failed", req.id)

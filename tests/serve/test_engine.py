@@ -1,0 +1,125 @@
+"""The engine: a request's greedy tokens are the same alone or in a mixed batch, and
+equal what eval's own methods generate with transformers' ``generate``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorashelf.methods import MethodContext, prepare
+from lorashelf.serve.compositions import Composition as C
+from lorashelf.serve.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8)
+PROMPTS = ["Q: what is two plus two?\nA:", "hello", "The library of experts says"]
+COMPS = [
+    C("lib"),
+    C("lib", "expert", ("alpha",)),
+    C("lib", "expert", ("beta",)),
+    C("lib", "weights", ("alpha", "gamma"), (0.7, 0.3)),
+    C("lib", "uniform"),
+    C("lib", "ties"),
+    C("lib", "arrow", top_k=2),
+    C("lib", "arrow", ("beta", "gamma"), top_k=1),
+]
+
+
+def jobs():
+    return [(PROMPTS[i % len(PROMPTS)], c, GREEDY) for i, c in enumerate(COMPS)]
+
+
+def test_batched_equals_solo(served, serve_kit):
+    batched = serve_kit.complete(served.engine, jobs())
+    for job, events in zip(jobs(), batched):
+        (solo,) = serve_kit.complete(served.engine, [job])
+        assert serve_kit.tokens(events) == serve_kit.tokens(solo), job[1]
+        assert events[-1].kind == "done" and events[-1].finish_reason == "length"
+    # the compositions really differ (else the test above could not fail)
+    on_first = serve_kit.complete(served.engine, [(PROMPTS[0], c, GREEDY) for c in COMPS])
+    assert len({tuple(serve_kit.tokens(e)) for e in on_first}) >= 4  # tiny random model: some tie
+
+
+def _hf_greedy(model, tokenizer, prompt, n):
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("method", ["base", "expert:beta", "uniform", "ties", "arrow"])
+def test_matches_eval_methods(served, serve_kit, tiny_model, tiny_tokenizer, method):
+    """Independent reference: eval's prepare() on a fresh model + transformers' generate."""
+    from lorashelf.serve.compositions import parse_method
+
+    comp = parse_method("lib", method)
+    params = SamplingParams(max_tokens=6)
+    prompts = PROMPTS[:2]
+    ours = serve_kit.complete(served.engine, [(p, comp, params) for p in prompts])
+    ref_model = copy.deepcopy(tiny_model)
+    prepared = prepare(method, ref_model, MethodContext(served.library), {"top_k": 4})
+    try:
+        for p, events in zip(prompts, ours):
+            ref = _hf_greedy(prepared.model, tiny_tokenizer, p, 6)
+            assert serve_kit.tokens(events) == ref
+    finally:
+        prepared.close()
+
+
+def test_routing_is_reported_per_token(served, serve_kit):
+    comp = C("lib", "arrow", top_k=2)
+    (events,) = serve_kit.complete(served.engine, [(PROMPTS[0], comp, GREEDY)], return_routing=True)
+    toks = [e for e in events if e.kind == "token"]
+    assert len(toks) == 8
+    for e in toks:
+        names = [n for n, _ in e.routing]
+        assert set(names) <= {"lib/alpha", "lib/beta", "lib/gamma"}
+        assert 0.99 < sum(w for _, w in e.routing) < 1.01  # 3 experts: all of the mass
+    (fixed,) = serve_kit.complete(
+        served.engine, [(PROMPTS[0], C("lib", "expert", ("gamma",)), GREEDY)], return_routing=True
+    )
+    assert all(e.routing == [("lib/gamma", 1.0)] for e in fixed if e.kind == "token")
+
+
+def test_echo_logprobs_match_the_model(served, serve_kit, tiny_model, tiny_tokenizer):
+    params = SamplingParams(max_tokens=1, echo=True, logprobs=2)
+    (events,) = serve_kit.complete(served.engine, [("hello world", C("lib"), params)])
+    prompt = events[0]
+    assert prompt.kind == "prompt" and prompt.logprobs[0] is None
+    ids = torch.tensor([prompt.tokens])
+    with torch.no_grad():
+        lp = tiny_model(ids).logits[0].log_softmax(-1)
+    want = lp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(torch.tensor(prompt.logprobs[1:]), want, atol=1e-5)
+    assert len(prompt.tops[1]) == 2 and max(prompt.tops[1].values()) == pytest.approx(
+        float(lp[0].max()), abs=1e-5
+    )
+
+
+def test_stop_sequence_and_budget(served, serve_kit):
+    (free,) = serve_kit.complete(
+        served.engine, [(PROMPTS[1], C("lib"), SamplingParams(max_tokens=12))]
+    )
+    full = serve_kit.text(free)
+    stop = full[3:5]
+    (cut,) = serve_kit.complete(
+        served.engine, [(PROMPTS[1], C("lib"), SamplingParams(max_tokens=12, stop=(stop,)))]
+    )
+    assert serve_kit.text(cut) == full[: full.find(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(served, serve_kit):
+    hot = SamplingParams(max_tokens=8, temperature=1.5, top_p=0.9, seed=11)
+    (alone,) = serve_kit.complete(served.engine, [(PROMPTS[0], C("lib"), hot)])
+    together = serve_kit.complete(
+        served.engine, [(PROMPTS[1], C("lib"), GREEDY), (PROMPTS[0], C("lib"), hot)]
+    )
+    assert serve_kit.tokens(together[1]) == serve_kit.tokens(alone)
+
+
+def test_unknown_expert_is_an_error_event(served, serve_kit):
+    (events,) = serve_kit.complete(
+        served.engine, [(PROMPTS[0], C("lib", "expert", ("alpah",)), GREEDY)]
+    )
+    assert events == [events[0]] and events[0].kind == "error" and events[0].status == 404
