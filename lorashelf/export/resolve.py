@@ -66,7 +66,7 @@ def resolve(
     if kind in ROUTED_METHODS:
         raise LorashelfError(
             f"method {kind!r} routes each token to its own mix of experts, so it cannot be "
-            f"exported as one adapter; serve it with `lorashelf serve`, or export a static "
+            f"exported as one adapter; serve it with `lorashelf serve {lib.path}`, or export a static "
             f"method ({', '.join(METHOD_FORMS)})"
         )
     if experts and kind not in MERGE_METHODS:
