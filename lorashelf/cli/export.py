@@ -56,6 +56,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(line)
     for change in done.changes:
         print(f"  {change}")
+    if args.fmt == "gguf":
+        print(f"  run with: llama-cli -m BASE.gguf --lora {done.path}")
     if args.target == "vllm":
         print(f"  serve with: vllm serve BASE --enable-lora --max-lora-rank {done.rank} "
               f"--lora-modules NAME={done.path}")  # fmt: skip

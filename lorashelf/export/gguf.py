@@ -121,9 +121,9 @@ def gguf_tensors(
     factors: Mapping[str, LoraFactors], base: GgufBase
 ) -> tuple[dict[str, np.ndarray], float]:
     """The ``.lora_a``/``.lora_b`` arrays (float32) under llama.cpp's names, and alpha."""
-    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == base.arch and a in MODEL_ARCH)
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == base.arch)
     names = get_tensor_name_map(arch, base.n_layer)
     rank = max(f.rank for f in factors.values())
     padded = one_rank(factors, rank)

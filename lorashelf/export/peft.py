@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,3 +79,17 @@ def for_vllm(factors: Mapping[str, LoraFactors]) -> Fixed:
 def check_target(target: str | None) -> None:
     if target is not None and target not in TARGETS:
         raise LorashelfError(f"unknown --target {target!r}; known: {', '.join(TARGETS)}")
+
+
+def vllm_problems(config: Mapping[str, Any]) -> list[str]:
+    """What in an ``adapter_config.json`` vLLM's loader would reject (empty: none)."""
+    problems = []
+    if config.get("r") not in VLLM_RANKS:
+        problems.append(f"rank {config.get('r')} is not one of {VLLM_RANKS}")
+    for key, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"),
+                      ("rank_pattern", "rank_pattern"), ("alpha_pattern", "alpha_pattern")):  # fmt: skip
+        if config.get(key):
+            problems.append(f"it uses {what}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} needs vLLM's --enable-lora-bias")
+    return problems

@@ -66,11 +66,13 @@ def resolve(
     if kind in ROUTED_METHODS:
         raise LorashelfError(
             f"method {kind!r} routes each token to its own mix of experts, so it cannot be "
-            f"exported as one adapter; serve it with `lorashelf serve`, or export a static "
+            f"exported as one adapter; serve it with `lorashelf serve {lib.path}`, or export a static "
             f"method ({', '.join(METHOD_FORMS)})"
         )
+    if experts and kind not in MERGE_METHODS:
+        raise LorashelfError(f"--experts picks the experts of a merge; drop it for {kind}")
     if kind == "expert":
-        if not arg or experts:
+        if not arg:
             raise LorashelfError("use --method expert:NAME to export one expert")
         names, config, factors = [arg], {}, _factors(lib, [arg])[0]
     elif kind == "weights":

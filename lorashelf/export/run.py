@@ -18,7 +18,7 @@ from typing import Any
 
 from lorashelf.config import write_json_atomic
 from lorashelf.errors import LorashelfError
-from lorashelf.export.peft import check_target, for_vllm
+from lorashelf.export.peft import check_target, for_vllm, vllm_problems
 from lorashelf.export.resolve import Resolved, resolve
 from lorashelf.library import Library
 
@@ -81,15 +81,19 @@ def export_adapter(
     if target == "vllm":
         fixed = for_vllm(factors)
         factors, changes = fixed.factors, fixed.changes
-    record = {"format": "lorashelf.export", "base_model": lib.base_model, "target": target}
-    record |= resolved.record()
+    top = max(f.rank for f in factors.values())
+    record = {"format": "lorashelf.export", "base_model": lib.base_model, "target": target,
+              "rank": top, "changes": changes, **resolved.record()}  # fmt: skip
     tmp = out.parent / f".{out.name}.export-{os.urandom(6).hex()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if fmt == "peft":
             from lorashelf.lora import write_peft_adapter
 
-            write_peft_adapter(factors, tmp, lib.base_model)
+            config = write_peft_adapter(factors, tmp, lib.base_model)
+            problems = vllm_problems(config) if target == "vllm" else []
+            if problems:  # for_vllm makes this impossible; never hand vLLM a broken dir
+                raise LorashelfError(f"vLLM would reject {out}: {'; '.join(problems)}")
             write_json_atomic(tmp / RECORD_FILE, record)
         else:
             from lorashelf.export.gguf import write_gguf_lora
@@ -99,8 +103,6 @@ def export_adapter(
         _replace(tmp, out)
     finally:
         _remove(tmp)
-    ranks = {f.rank for f in factors.values()}
-    top = max(ranks)
     return Exported(out, fmt, top, len(factors), resolved, changes)
 
 

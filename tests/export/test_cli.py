@@ -101,3 +101,18 @@ def test_overwrite_replaces_only_an_earlier_export(library, tmp_path, capsys):
         rc, _, err = run(capsys, *args, target)
         assert rc == 2 and "library" in err
     assert listing(library.path) == lib_files
+
+
+def test_an_expert_of_another_base_model_is_refused(library, tmp_path, capsys, monkeypatch):
+    from lorashelf.library.expert import Expert
+
+    real_card = Expert.card
+
+    def card(self):
+        c = real_card.fget(self)
+        return c | {"base_model": "gpt2"} if self.name == "b" else c
+
+    monkeypatch.setattr(Expert, "card", property(card))
+    rc, _, err = run(capsys, library.path, "--method", "uniform", "--format", "peft", "--out",
+                     tmp_path / "u")  # fmt: skip
+    assert rc == 2 and "expert 'b' was trained on gpt2" in err and not (tmp_path / "u").exists()

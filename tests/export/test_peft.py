@@ -10,6 +10,7 @@ import torch
 
 from lorashelf.errors import LorashelfError
 from lorashelf.export import VLLM_RANKS, export_adapter, for_vllm
+from lorashelf.export.peft import vllm_problems
 from lorashelf.lora import LoraFactors, attach
 from lorashelf.merge import merge
 
@@ -71,7 +72,11 @@ def test_vllm_target_pads_to_an_allowed_rank_without_changing_the_update(
     cfg = json.loads((done.path / "adapter_config.json").read_text())
     assert plain.rank == 12 and done.rank == cfg["r"] == 16 and 16 in VLLM_RANKS
     assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
-    assert not cfg.get("use_dora") and not cfg.get("modules_to_save")
+    assert vllm_problems(cfg) == []
+    assert vllm_problems(json.loads((plain.path / "adapter_config.json").read_text())) == [
+        "rank 12 is not one of (1, 8, 16, 32, 64, 128, 256, 320, 512)"
+    ]
+    assert len(vllm_problems(cfg | {"use_dora": True, "modules_to_save": ["lm_head"]})) == 2
     assert any("padded with zeros to 16" in c for c in done.changes)
     torch.testing.assert_close(
         peft_logits(tiny_base, done.path, token_ids),
