@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ class MethodContext:
     library: Library | None
     experts: tuple[str, ...] | None = None
     oracle: Mapping[str, str] = field(default_factory=dict)
+    tokenizer: Any = None  # the base model's, for methods that embed text (retrieval)
+    home: Path | None = None  # the data root the experts' training tasks load from
 
     def names(self) -> list[str]:
         """The experts to use (the subset, else the whole library), checked."""
@@ -166,7 +169,8 @@ def _routed(name: str) -> Build:
         sums = [lib.get(e).files.get("adapter_model.safetensors", "") for e in names]
         routed = build_routed_model(
             model, ctx.factors(model, names), name, config, checksums=sums,
-            cache_dir=lib.path / "cache", library_dir=lib.path,
+            cache_dir=lib.path / "cache", library_dir=lib.path, tokenizer=ctx.tokenizer,
+            home=ctx.home,
         )  # fmt: skip
         prepared = Prepared(model=model, close=routed.detach, info={"experts": names})
 

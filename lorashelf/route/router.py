@@ -56,6 +56,11 @@ class RouterContext:
     device: torch.device | str | None = None  # where to compute (None: where the factors are)
     library_dir: Path | None = None  # the library the experts come from (its derived files)
     extras: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
+    # the base model the routers will sit in, before the mixture is attached, and its
+    # tokenizer and data home: what data-based routers (retrieval) embed inputs with
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    home: Path | None = None
 
     @property
     def expert_names(self) -> list[str]:

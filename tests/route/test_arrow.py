@@ -99,11 +99,16 @@ def test_prototype_cache_via_build(model, experts, tmp_path) -> None:
 def test_router_contract(method: str, model, experts) -> None:
     """Every registered router: one router per module, weights over E_m, rows sum to 1."""
     spec = ROUTERS.get(method)
-    # routers that need trained state (PHATGOOSE's gates) get random gates here
+    # routers that need trained or derived state (PHATGOOSE's gates, retrieval's expert
+    # embeddings) get random ones here
     gates = [{m: torch.randn(f.A.shape[1]) for m, f in fs.items()} for _, fs in experts]
-    ctx = RouterContext(experts=experts, extras={"phatgoose_gates": gates})
+    embs = torch.randn(len(experts), model.config.hidden_size)
+    extras = {"phatgoose_gates": gates, "retrieval_embeddings": embs}
+    ctx = RouterContext(experts=experts, extras=extras, model=model)
     routers = spec.build(spec.config_cls(), ctx)
     assert set(routers) <= set(experts[0][1]) and routers
+    with torch.no_grad():  # a forward of the model: sequence-level routers read their input
+        model(input_ids=torch.randint(3, 90, (2, 3)))
     for m, router in routers.items():
         d_in = experts[0][1][m].A.shape[1]
         w = router(torch.randn(2, 3, d_in))
@@ -111,6 +116,8 @@ def test_router_contract(method: str, model, experts) -> None:
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 3))
         if router.top_k is not None:
             assert ((w > 0).sum(-1) <= router.top_k).all()
+        if hasattr(router, "release"):
+            router.release()
 
 
 def _pad(seqs: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
