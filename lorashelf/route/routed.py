@@ -115,6 +115,8 @@ def build_routed_model(
             f"router {method!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}"
         )
     check_experts(experts)
+    if spec.experts is not None:
+        experts, checksums = spec.experts(config, experts, checksums)
     ctx = RouterContext(
         experts=experts,
         checksums=checksums,

@@ -75,8 +75,12 @@ class RouterContext:
 @dataclass(frozen=True)
 class RouterMethod:
     """A routing method as :mod:`lorashelf.route.registry` lists it: its frozen options
-    dataclass, the function building its routers and a one-line summary."""
+    dataclass, the function building its routers, a one-line summary and optionally a
+    rewrite of the experts it routes over."""
 
     config_cls: type
     build: Callable[[Any, RouterContext], dict[str, Router]]
     summary: str = ""
+    # rewrites (experts, checksums) before routing, e.g. GenKnowSub's subtraction; the
+    # mixture then computes the rewritten experts
+    experts: Callable[[Any, Experts, Sequence[str] | None], tuple[Experts, Any]] | None = None

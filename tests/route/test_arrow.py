@@ -176,7 +176,9 @@ def test_routing_report(model, experts, ids, tmp_path) -> None:
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(json_path.read_text())
     assert doc["experts"] == ["e0", "e1", "e2", "e3"]
-    assert doc["config"]["config"] == {"top_k": 2, "temperature": 1.0, "mix": "output"}
+    assert doc["config"]["config"] == {
+        "top_k": 2, "temperature": 1.0, "mix": "output", "gks": "none", "gks_experts": []
+    }  # fmt: skip
     assert doc["tasks"]["task_a"]["overall"] == pytest.approx(by_task["task_a"].overall())
     assert sum(doc["tasks"]["task_b"]["overall"]) == pytest.approx(1.0)
     assert doc["tasks"]["task_a"]["tokens"] == ids.numel()
