@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorashelf.best_expert import BestExpertConfig, build_best_expert
 from lorashelf.data.task import Task
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library
@@ -44,6 +45,7 @@ class MethodContext:
     oracle: Mapping[str, str] = field(default_factory=dict)
     tokenizer: Any = None  # the base model's, for methods that embed text (retrieval)
     home: Path | None = None  # the data root the experts' training tasks load from
+    evaluation: Any = None  # the EvalConfig being run (split, seed, limit: best-expert)
 
     def names(self) -> list[str]:
         """The experts to use (the subset, else the whole library), checked."""
@@ -190,6 +192,11 @@ OWN = {
     "base": Method("base", "base", "the base model alone", _base),
     "expert": Method("expert", "expert", "the base model plus one expert", _expert, arg="NAME"),
     "oracle": Method("oracle", "expert", "each task's own (or mapped) expert: an upper bound", _oracle),
+    "best-expert": Method(
+        "best-expert", "expert", "the single expert with the lowest gold NLL: :test on the "
+        "evaluated examples (an upper bound), :shots on 5 train shots (a fair baseline)",
+        build_best_expert, BestExpertConfig, arg="test|shots",
+    ),
 }  # fmt: skip
 
 
