@@ -174,7 +174,7 @@ def _routed(name: str) -> Build:
             cache_dir=lib.path / "cache", library_dir=lib.path, tokenizer=ctx.tokenizer,
             home=ctx.home,
         )  # fmt: skip
-        prepared = Prepared(model=model, close=routed.detach, info={"experts": names})
+        prepared = Prepared(model=model, close=routed.detach, info={"experts": routed.expert_names})
 
         @contextlib.contextmanager
         def on_task(task: Task) -> Iterator[None]:
