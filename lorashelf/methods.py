@@ -19,11 +19,13 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorashelf.best_expert import BestExpertConfig, build_best_expert
 from lorashelf.data.task import Task
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library
@@ -41,6 +43,9 @@ class MethodContext:
     library: Library | None
     experts: tuple[str, ...] | None = None
     oracle: Mapping[str, str] = field(default_factory=dict)
+    tokenizer: Any = None  # the base model's, for methods that embed text (retrieval)
+    home: Path | None = None  # the data root the experts' training tasks load from
+    evaluation: Any = None  # the EvalConfig being run (split, seed, limit: best-expert)
 
     def names(self) -> list[str]:
         """The experts to use (the subset, else the whole library), checked."""
@@ -166,9 +171,10 @@ def _routed(name: str) -> Build:
         sums = [lib.get(e).files.get("adapter_model.safetensors", "") for e in names]
         routed = build_routed_model(
             model, ctx.factors(model, names), name, config, checksums=sums,
-            cache_dir=lib.path / "cache", library_dir=lib.path,
+            cache_dir=lib.path / "cache", library_dir=lib.path, tokenizer=ctx.tokenizer,
+            home=ctx.home,
         )  # fmt: skip
-        prepared = Prepared(model=model, close=routed.detach, info={"experts": names})
+        prepared = Prepared(model=model, close=routed.detach, info={"experts": routed.expert_names})
 
         @contextlib.contextmanager
         def on_task(task: Task) -> Iterator[None]:
@@ -186,6 +192,11 @@ OWN = {
     "base": Method("base", "base", "the base model alone", _base),
     "expert": Method("expert", "expert", "the base model plus one expert", _expert, arg="NAME"),
     "oracle": Method("oracle", "expert", "each task's own (or mapped) expert: an upper bound", _oracle),
+    "best-expert": Method(
+        "best-expert", "expert", "the single expert with the lowest gold NLL: :test on the "
+        "evaluated examples (an upper bound), :shots on 5 train shots (a fair baseline)",
+        build_best_expert, BestExpertConfig, arg="test|shots",
+    ),
 }  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from lorashelf.models import BaseModel
 
 # (model, tokenizer, task) -> {"n": int, "accuracy": float, "nll": float, ...}
 Evaluate = Callable[[Any, Any, Task], dict[str, Any]]
-DEFAULT_METHODS = ("zero-shot", "icl", "uniform", "lorahub", "gradient", "lora")
+DEFAULT_METHODS = ("zero-shot", "icl", "uniform", "lorahub", "gradient", "cat", "lora")
 
 
 def all_methods(table: Any = FEWSHOT_METHODS) -> tuple[str, ...]:

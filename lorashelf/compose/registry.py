@@ -17,6 +17,7 @@ FEWSHOT_METHODS: Registry = Registry(
         "icl": "lorashelf.compose.baselines:ICL",
         "lorahub": "lorashelf.compose.baselines:LORAHUB",
         "gradient": "lorashelf.compose.baselines:GRADIENT",
+        "cat": "lorashelf.compose.cat:CAT",
         "lora": "lorashelf.compose.baselines:LORA",
     },
 )

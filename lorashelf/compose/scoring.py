@@ -115,13 +115,19 @@ class PopulationScorer:
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
         """Loss of each row of ``weights [P, E]`` as ``[P]`` float32, differentiable."""
-        p, lay = weights.shape[0], self.layout
-        hidden = feed(
-            self.backbone,
-            lay,
-            p,
-            lambda rows: self.handle.set_weights(weights.repeat_interleave(rows, dim=0)),
+        p = weights.shape[0]
+        return self._loss(
+            p, lambda rows: self.handle.set_weights(weights.repeat_interleave(rows, dim=0))
         )
+
+    def routed_loss(self) -> torch.Tensor:
+        """The loss ``[1]`` under the routers set on ``self.handle`` (CAT's per-module
+        weights, lorashelf.compose.cat), differentiable."""
+        return self._loss(1, None)
+
+    def _loss(self, p: int, before_pass: Callable[[int], None] | None) -> torch.Tensor:
+        lay = self.layout
+        hidden = feed(self.backbone, lay, p, before_pass)
         self.passes += 1
         offsets = torch.arange(p, device=lay.shot.device)[:, None] * lay.n_shots
         hidden = hidden[(offsets + lay.shot).flatten(), lay.col.repeat(p)]

@@ -107,7 +107,10 @@ def run_eval(req: EvalRequest, *, home: Path, device: torch.device) -> list[Eval
         split=req.split, limit=req.limit, seed=req.seed, batch_size=req.batch_size,
         max_length=req.max_length, chat=req.chat,
     )  # fmt: skip
-    ctx = MethodContext(library, req.experts, dict(req.oracle))
+    ctx = MethodContext(
+        library, req.experts, dict(req.oracle), tokenizer=base.tokenizer, home=home,
+        evaluation=cfg,
+    )  # fmt: skip
     if req.routing_report and not any(split_spec(m)[0].kind == "router" for m in req.methods):
         raise LorashelfError(
             "--routing-report needs a routing method (--method arrow or phatgoose)"

@@ -8,11 +8,16 @@ is arbitrary), the ``top_k`` best are kept and a softmax over their scores divid
 ``temperature`` gives the mixture weights; the other experts get weight zero. PEFT's
 ``create_arrow_model`` implements the same rule with power-iteration prototypes and
 computes every expert for every token; tests/route/test_peft_arrow.py compares both.
+
+``gks`` ("peft" or "delta") first subtracts the mean of the general-knowledge experts
+named in ``gks_experts`` from every other expert and routes over those only
+(GenKnowSub, lorashelf.route.genknowsub).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,8 @@ from torch import nn
 from lorashelf.errors import LorashelfError
 from lorashelf.lora.mixture import MIXES
 from lorashelf.lora.stack import Experts
+from lorashelf.route.genknowsub import VARIANTS as GKS_VARIANTS
+from lorashelf.route.genknowsub import subtract_general
 from lorashelf.route.prototypes import CACHE_FILE, arrow_prototypes
 from lorashelf.route.router import RouterContext, RouterMethod
 
@@ -33,8 +40,15 @@ class ArrowConfig:
     top_k: int = 4
     temperature: float = 1.0
     mix: str = "output"
+    gks: str = "none"  # GenKnowSub: "none", "peft" (A and B apart) or "delta" (exact)
+    gks_experts: tuple[str, ...] = ()  # the general-knowledge experts, not routed
 
     def __post_init__(self) -> None:
+        if isinstance(self.gks_experts, str):  # --set gks_experts=wiki,books
+            object.__setattr__(self, "gks_experts", tuple(self.gks_experts.split(",")))
+        object.__setattr__(self, "gks_experts", tuple(self.gks_experts))
+        if self.gks not in GKS_VARIANTS:
+            raise LorashelfError(f"unknown gks {self.gks!r}; use one of {', '.join(GKS_VARIANTS)}")
         if self.top_k < 1:
             raise LorashelfError(f"Arrow top_k must be >= 1, got {self.top_k}")
         if not self.temperature > 0:
@@ -64,6 +78,11 @@ def build_arrow_routers(config: ArrowConfig, ctx: RouterContext) -> dict[str, Ar
     n = len(ctx.experts)
     if n == 0:
         raise LorashelfError("Arrow needs at least one expert; the expert list is empty")
+    if config.gks != "none" and set(config.gks_experts) & set(ctx.expert_names):
+        raise LorashelfError(
+            "GenKnowSub rewrites the experts before routing; build Arrow with "
+            "build_routed_model (or arrow_experts first), not with its router builder alone"
+        )
     if config.top_k > n:
         warnings.warn(
             f"Arrow top_k={config.top_k} exceeds the {n} experts; using top_k={n}",
@@ -79,10 +98,19 @@ def build_arrow_routers(config: ArrowConfig, ctx: RouterContext) -> dict[str, Ar
     return {m: ArrowRouter(p, config.top_k, config.temperature) for m, p in protos.items()}
 
 
+def arrow_experts(
+    config: ArrowConfig, experts: Experts, checksums: Sequence[str] | None
+) -> tuple[Experts, list[str] | None]:
+    """The experts Arrow routes over: all of them, or with ``gks`` the task experts minus
+    the general experts' mean."""
+    return subtract_general(experts, checksums, config.gks_experts, config.gks)
+
+
 ARROW = RouterMethod(
     ArrowConfig,
     build_arrow_routers,
     "Arrow: top-k over |x . v_e|, v_e the top right singular vector of B_e A_e",
+    arrow_experts,
 )
 
 

@@ -15,5 +15,6 @@ ROUTERS: Registry = Registry(
     {
         "arrow": "lorashelf.route.arrow:ARROW",
         "phatgoose": "lorashelf.route.phatgoose:PHATGOOSE",
+        "retrieval": "lorashelf.route.retrieval:RETRIEVAL",
     },
 )

@@ -10,7 +10,7 @@ and restores the plain model with ``detach()`` (or on leaving a ``with`` block).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,10 @@ class RoutedModel:
             yield stats
 
     def detach(self) -> None:
+        for router in self.routers.values():  # hooks some routers keep on the model
+            release = getattr(router, "release", None)
+            if callable(release):
+                release()
         self.handle.detach()
 
     def __enter__(self) -> RoutedModel:
@@ -88,6 +92,9 @@ def build_routed_model(
     strategy: str = "auto",
     device: torch.device | str | None = None,
     library_dir: str | Path | None = None,
+    tokenizer: Any = None,
+    home: str | Path | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> RoutedModel:
     """Route ``model`` over ``experts`` (``[(name, {module path: factors})]``), in place.
 
@@ -96,7 +103,9 @@ def build_routed_model(
     ``checksums`` (one per expert) and ``cache_dir`` let the method reuse derived
     tensors (Arrow: ``cache_dir/arrow_prototypes.safetensors``). ``device`` is where
     routers are computed (default: where the factors are); they then move to their
-    layers.
+    layers. ``tokenizer``, ``home`` (the data root) and ``extras`` reach the method's
+    builder through its :class:`RouterContext` (retrieval routing embeds the experts'
+    training prompts with them).
     """
     spec = ROUTERS.get(method)
     if config is None:
@@ -106,12 +115,18 @@ def build_routed_model(
             f"router {method!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}"
         )
     check_experts(experts)
+    if spec.experts is not None:
+        experts, checksums = spec.experts(config, experts, checksums)
     ctx = RouterContext(
         experts=experts,
         checksums=checksums,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         device=device,
         library_dir=Path(library_dir) if library_dir is not None else None,
+        extras=dict(extras or {}),
+        model=model,
+        tokenizer=tokenizer,
+        home=Path(home) if home is not None else None,
     )
     routers = spec.build(config, ctx)
     handle = attach(model, experts, mix=getattr(config, "mix", "output"), strategy=strategy)

@@ -56,6 +56,11 @@ class RouterContext:
     device: torch.device | str | None = None  # where to compute (None: where the factors are)
     library_dir: Path | None = None  # the library the experts come from (its derived files)
     extras: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
+    # the base model the routers will sit in, before the mixture is attached, and its
+    # tokenizer and data home: what data-based routers (retrieval) embed inputs with
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    home: Path | None = None
 
     @property
     def expert_names(self) -> list[str]:
@@ -70,8 +75,12 @@ class RouterContext:
 @dataclass(frozen=True)
 class RouterMethod:
     """A routing method as :mod:`lorashelf.route.registry` lists it: its frozen options
-    dataclass, the function building its routers and a one-line summary."""
+    dataclass, the function building its routers, a one-line summary and optionally a
+    rewrite of the experts it routes over."""
 
     config_cls: type
     build: Callable[[Any, RouterContext], dict[str, Router]]
     summary: str = ""
+    # rewrites (experts, checksums) before routing, e.g. GenKnowSub's subtraction; the
+    # mixture then computes the rewritten experts
+    experts: Callable[[Any, Experts, Sequence[str] | None], tuple[Experts, Any]] | None = None

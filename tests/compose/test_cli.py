@@ -73,7 +73,7 @@ def test_fewshot_prints_table_and_writes_json(capsys, setup):
     assert "acc mean" in out and "NLL best" in out
     report = json.loads((tmp / "fs.json").read_text())
     per = report["tasks"][task]
-    assert set(per) == {"zero-shot", "icl", "uniform", "lorahub", "gradient", "lora"}
+    assert set(per) == {"zero-shot", "icl", "uniform", "lorahub", "gradient", "cat", "lora"}
     assert len(per["lorahub"]["runs"]) == 2 and len(per["zero-shot"]["runs"]) == 1
     for s in per.values():
         assert s["best_accuracy"] >= s["mean_accuracy"] and s["best_nll"] <= s["mean_nll"]

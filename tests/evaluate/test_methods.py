@@ -43,25 +43,48 @@ def add_random_gates(lib) -> None:
         save_gates(gates_dir(lib.path), adapter_checksum(exp), gates, {"test": True})
 
 
-@pytest.mark.parametrize("method", [m if m != "expert" else "expert:beta" for m in method_names()])
+def add_random_retrieval_embeddings(lib, model) -> None:
+    """Retrieval routing embeds each expert's training prompts (the toy experts' tasks
+    do not load); random embeddings in its cache exercise the same routing path."""
+    from lorashelf.route.retrieval import RetrievalConfig
+    from lorashelf.route.retrieval_store import CACHE_FILE, fingerprint, write_embeddings
+
+    c = RetrievalConfig()
+    fp = fingerprint(model, c.n_prompts, c.prompt_max_length, c.train_split_seed)
+    g = torch.Generator().manual_seed(1)
+    embs = {
+        f"{lib.get(n).files['adapter_model.safetensors']}/{fp}": torch.randn(
+            model.config.hidden_size, generator=g
+        )
+        for n in lib.names()
+    }
+    write_embeddings(lib.path / "cache" / CACHE_FILE, embs)
+
+
+SPECS = {"expert": ["expert:beta"], "best-expert": ["best-expert:test", "best-expert:shots"]}
+
+
+@pytest.mark.parametrize("method", [s for m in method_names() for s in SPECS.get(m, [m])])
 def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer):
     import copy
 
     lib = tiny_library(EXPERTS)
     add_random_gates(lib)
+    add_random_retrieval_embeddings(lib, tiny_model)
     model = copy.deepcopy(tiny_model)
     before = logits(model, tiny_tokenizer)
-    ctx = MethodContext(lib, oracle={"t:new": "t:gamma"})
-    prepared = prepare(method, model, ctx, {"top_k": 2})
+    cfg = EvalConfig(split="all", batch_size=4)
+    ctx = MethodContext(lib, oracle={"t:new": "t:gamma"}, tokenizer=tiny_tokenizer, evaluation=cfg)
+    prepared = prepare(method, model, ctx, {"top_k": 2, "n_shots": 2})
     try:
         during = logits(model, tiny_tokenizer)
-        cfg = EvalConfig(split="all", batch_size=4)
         res = evaluate(model, tiny_tokenizer, [toy_task("t:new")], cfg, method=method,
                        on_task=prepared.on_task, show_progress=False)  # fmt: skip
     finally:
         prepared.close()
     assert res.tasks["t:new"].n == 6
-    if method not in ("base", "oracle"):  # the oracle picks its expert per task
+    if method not in ("base", "oracle") and not method.startswith("best-expert"):
+        # the oracle and the best expert pick their expert per task
         assert not torch.allclose(before, during), f"{method} did not change the model"
     assert torch.equal(before, logits(model, tiny_tokenizer)), f"{method} did not restore the base"
 
@@ -160,3 +183,64 @@ def test_cli_eval_errors(tiny_library, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "did you mean" in err
+
+
+def test_best_expert_test_is_the_lowest_expert_nll_and_shots_is_fair(
+    tiny_library, tiny_model, tiny_tokenizer
+):
+    """best-expert:test scores like the expert with the lowest eval NLL on those very
+    examples; best-expert:shots chooses on train shots (the test examples it never sees)."""
+    import copy
+
+    from lorashelf.compose.shots import draw_shots
+
+    lib = tiny_library(EXPERTS)
+    model = copy.deepcopy(tiny_model)
+    task = Task(id="t:mix", kind="mc", examples=tuple(
+        Example(prompt=f"Q: is {i} odd?\nA:", target=[" no", " yes"][i % 2],
+                options=(" no", " yes"), answer=i % 2)
+        for i in range(20)
+    ))  # fmt: skip
+    cfg = EvalConfig(split="test", seed=1)
+    per_expert = {}
+    for n in lib.names():
+        prep = prepare(f"expert:{n}", model, MethodContext(lib))
+        per_expert[n] = evaluate(model, tiny_tokenizer, [task], cfg, show_progress=False)
+        prep.close()
+    ctx = MethodContext(lib, tokenizer=tiny_tokenizer, evaluation=cfg)
+    got = {}
+    for sel in ("test", "shots"):
+        prep = prepare(f"best-expert:{sel}", model, ctx)
+        got[sel] = evaluate(model, tiny_tokenizer, [task], cfg, on_task=prep.on_task,
+                            show_progress=False)  # fmt: skip
+        got[sel].meta.update(prep.info)
+        prep.close()
+    nll = {n: r.tasks["t:mix"].nll for n, r in per_expert.items()}
+    best = min(nll, key=nll.get)
+    assert len(set(nll.values())) == 3  # the experts differ
+    assert got["test"].meta["best_expert"] == {"t:mix": best}
+    assert "upper bound" in got["test"].meta["selection"]
+    assert got["test"].tasks["t:mix"].nll == pytest.approx(nll[best], abs=1e-5)
+    chosen_nll = got["test"].meta["selection_nll"]["t:mix"]
+    for n in nll:  # the selection's NLL is eval's NLL of that expert
+        assert chosen_nll[n] == pytest.approx(nll[n], abs=1e-4)
+    # :shots: chosen on the 5 train shots fewshot would draw with seed 1
+    shots = draw_shots(task, 5, seed=1, split_seed=1)
+    assert not set(shots) & set(task.splits(seed=1).test)
+    from lorashelf.best_expert import expert_nlls
+
+    on_shots = expert_nlls(model, tiny_tokenizer, MethodContext(lib).factors(model, lib.names()),
+                           shots)  # fmt: skip
+    want = lib.names()[min(range(3), key=lambda i: on_shots[i])]
+    assert got["shots"].meta["best_expert"] == {"t:mix": want}
+    assert got["shots"].tasks["t:mix"].nll == pytest.approx(nll[want], abs=1e-5)
+
+
+def test_best_expert_needs_its_selection(tiny_library, tiny_model):
+    import copy
+
+    from lorashelf.errors import LorashelfError
+
+    lib = tiny_library(EXPERTS)
+    with pytest.raises(LorashelfError, match="best-expert:test"):
+        prepare("best-expert", copy.deepcopy(tiny_model), MethodContext(lib))

@@ -99,11 +99,16 @@ def test_prototype_cache_via_build(model, experts, tmp_path) -> None:
 def test_router_contract(method: str, model, experts) -> None:
     """Every registered router: one router per module, weights over E_m, rows sum to 1."""
     spec = ROUTERS.get(method)
-    # routers that need trained state (PHATGOOSE's gates) get random gates here
+    # routers that need trained or derived state (PHATGOOSE's gates, retrieval's expert
+    # embeddings) get random ones here
     gates = [{m: torch.randn(f.A.shape[1]) for m, f in fs.items()} for _, fs in experts]
-    ctx = RouterContext(experts=experts, extras={"phatgoose_gates": gates})
+    embs = torch.randn(len(experts), model.config.hidden_size)
+    extras = {"phatgoose_gates": gates, "retrieval_embeddings": embs}
+    ctx = RouterContext(experts=experts, extras=extras, model=model)
     routers = spec.build(spec.config_cls(), ctx)
     assert set(routers) <= set(experts[0][1]) and routers
+    with torch.no_grad():  # a forward of the model: sequence-level routers read their input
+        model(input_ids=torch.randint(3, 90, (2, 3)))
     for m, router in routers.items():
         d_in = experts[0][1][m].A.shape[1]
         w = router(torch.randn(2, 3, d_in))
@@ -111,6 +116,8 @@ def test_router_contract(method: str, model, experts) -> None:
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 3))
         if router.top_k is not None:
             assert ((w > 0).sum(-1) <= router.top_k).all()
+        if hasattr(router, "release"):
+            router.release()
 
 
 def _pad(seqs: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +176,9 @@ def test_routing_report(model, experts, ids, tmp_path) -> None:
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(json_path.read_text())
     assert doc["experts"] == ["e0", "e1", "e2", "e3"]
-    assert doc["config"]["config"] == {"top_k": 2, "temperature": 1.0, "mix": "output"}
+    assert doc["config"]["config"] == {
+        "top_k": 2, "temperature": 1.0, "mix": "output", "gks": "none", "gks_experts": []
+    }  # fmt: skip
     assert doc["tasks"]["task_a"]["overall"] == pytest.approx(by_task["task_a"].overall())
     assert sum(doc["tasks"]["task_b"]["overall"]) == pytest.approx(1.0)
     assert doc["tasks"]["task_a"]["tokens"] == ids.numel()
