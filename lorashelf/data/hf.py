@@ -54,9 +54,20 @@ def open_dataset(dataset: str, config: str | None, split: str, home: Path) -> An
         return datasets.load_dataset(
             str(path) if path.is_dir() else dataset, config, split=split, cache_dir=cache
         )
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+    except ConnectionError:
         raise LorashelfError(
-            f"hf:{dataset}: cannot load it ({e}); check the name/path, config and split"
+            f"hf:{dataset}: not in the local cache and the Hub cannot be reached (offline?); "
+            "load it once with network, or pass a local file (hf:./data.jsonl?...)"
+        ) from None
+    except (
+        FileNotFoundError,
+        ValueError,
+        datasets.exceptions.DatasetNotFoundError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LorashelfError(
+            f"hf:{dataset}: cannot load it ({first}); check the name/path, config and split"
         ) from None
 
 

@@ -60,6 +60,23 @@ def task_kind(examples: Sequence[Example], where: str) -> Kind:
     return "mc" if n_mc else "gen"
 
 
+# An example's text is cut to the model's context (a few thousand tokens) anyway; far
+# longer rows only cost time and memory in the tokenizer (a 50 MB row took 2 minutes).
+MAX_ROW_CHARS = 1_000_000
+
+
+def check_size(prompt: Any, target: Any, options: Any, where: str) -> None:
+    """Refuse a row whose text is longer than :data:`MAX_ROW_CHARS` characters."""
+    parts = [prompt, *(target if isinstance(target, (list, tuple)) else [target])]
+    parts += list(options) if isinstance(options, (list, tuple)) else []
+    size = sum(len(p) for p in parts if isinstance(p, str))
+    if size > MAX_ROW_CHARS:
+        raise LorashelfError(
+            f"{where}: the row holds {size:,} characters, more than the {MAX_ROW_CHARS:,} "
+            "lorashelf reads (a model sees a few thousand tokens of it); shorten or drop it"
+        )
+
+
 def row_example(
     prompt: Any,
     *,
@@ -73,6 +90,7 @@ def row_example(
     ``answer`` (an index or the option's text); errors name ``where``."""
     if not isinstance(prompt, str):
         raise LorashelfError(f"{where}: the input must be a string, got {type(prompt).__name__}")
+    check_size(prompt, target, options, where)
     if options is not None:
         if (
             not isinstance(options, (list, tuple))

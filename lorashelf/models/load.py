@@ -158,6 +158,19 @@ def resolve_path(name: str, home: Path) -> tuple[str, str, str | None]:
     )
 
 
+def check_safe_weights(path: Path, name: str) -> None:
+    """A local model dir must hold safetensors weights: pickled ``.bin``/``.pt`` files
+    can run code when loaded, so lorashelf never reads them."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    what = f"only pickled weights ({', '.join(pickled[:3])})" if pickled else "no weights"
+    raise LorashelfError(
+        f"model {name!r}: {path} has {what}; lorashelf loads safetensors only. Convert it "
+        "once with transformers: model.save_pretrained(dir, safe_serialization=True)"
+    )
+
+
 def load_base(
     name: str,
     *,
@@ -168,10 +181,14 @@ def load_base(
     """Load a causal LM + tokenizer, in eval mode, on ``device`` in ``dtype``."""
     path, base_id, gguf = resolve_path(name, home)
     kw = {"gguf_file": gguf} if gguf else {}
+    model_kw = dict(kw)
+    if not gguf and Path(path).is_dir():
+        check_safe_weights(Path(path), name)
+        model_kw["use_safetensors"] = True  # never unpickle a model's weights
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kw)
+    except (OSError, ValueError) as e:
         raise LorashelfError(
             f"could not load model {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
             f"pass a local directory, a .gguf file, or a known model ({', '.join(KNOWN)})"
