@@ -103,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
     # transformers warns that its own generate/forward passes past_key_values
     warnings.filterwarnings("ignore", ".*past_key_values.*")
+    # datasets logs a parse failure with its traceback before raising; the error the
+    # user sees is lorashelf's one line about it
+    import logging
+
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(active_verb(argv))
     args = parser.parse_args(argv)
