@@ -117,8 +117,12 @@ def paired_test(
 def interval_table(results: Sequence, baseline: str | None = None) -> list[list[str]] | None:
     """Rows (header first) of every method's mean over tasks with its 95% interval,
     sorted by mean gold NLL, and the paired test against ``baseline`` (each task's
-    examples paired, pooled). None when the results carry no per-example values."""
-    if not results or not all(r.tasks and all(t.nlls for t in r.tasks.values()) for r in results):
+    examples paired, pooled). Only results with per-example values are listed; None
+    when there are none."""
+    # methods scored without per-example values (older JSON, means over few-shot seeds)
+    # have no interval and are left out of this table
+    results = [r for r in results if r.tasks and all(t.nlls for t in r.tasks.values())]
+    if not results:
         return None
     base = next((r for r in results if r.method == baseline), None)
     rows = []

@@ -94,3 +94,4 @@ def test_interval_table_sorts_by_nll_and_tests_against_base():
     for t in old.tasks.values():
         t.nlls.clear()
     assert interval_table([old], "base") is None
+    assert [r[0] for r in interval_table([old, result("good", -0.5)], "base")[1:]] == ["good"]
