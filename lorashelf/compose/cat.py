@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lorashelf.compose.baselines import Built, FewShotContext, FewShotMethod
 from lorashelf.compose.composed import check_same_ranks
 from lorashelf.compose.config import ComposeConfig
-from lorashelf.compose.gradient import frozen
+from lorashelf.compose.gradient import adam_steps, frozen
 from lorashelf.compose.scoring import PopulationScorer
 from lorashelf.compose.shots import encode_shots, model_context
 from lorashelf.library import LoraFactors
@@ -59,7 +58,6 @@ def cat_search(
 ) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
     """``budget`` Adam steps on per-module weights; returns the best iterate as
     ``{module: [E weights]}`` and the trace (``loss``, ``ce`` per step)."""
-    lo, hi = config.bounds
     modules = sorted(scorer.handle.layers)
     e = scorer.n_experts
     device = next(model.parameters()).device
@@ -69,25 +67,16 @@ def cat_search(
         for i, m in enumerate(modules)
     }
     scorer.handle.set_routers(routers)
-    opt = torch.optim.Adam([W], lr=config.lr)
     trace: list[dict[str, Any]] = []
     best: tuple[float, torch.Tensor] | None = None
-    with frozen(model), tqdm(total=config.budget, desc="cat", disable=not progress) as bar:
-        for step in range(config.budget + 1):  # the last pass only scores the final iterate
-            ce = scorer.routed_loss()[0]
-            objective = ce + config.l1 * W.abs().mean()
+    with frozen(model):
+        for step, objective, ce in adam_steps(
+            W, lambda: scorer.routed_loss()[0], config, desc="cat", progress=progress
+        ):
             loss = float(objective.detach())
             trace.append({"eval": step, "generation": step, "loss": loss, "ce": float(ce)})
             if best is None or loss < best[0]:
                 best = (loss, W.detach().clone())
-            if step == config.budget:
-                break
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            with torch.no_grad():
-                W.clamp_(lo, hi)
-            bar.update()
     assert best is not None
     rows = best[1].cpu().double()
     return {m: rows[0 if tied else i].tolist() for i, m in enumerate(modules)}, trace

@@ -13,7 +13,7 @@ gradient-free searches return their best candidate.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,22 +39,26 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, p.requires_grad))
 
 
-def adam_search(
-    model: nn.Module, scorer: PopulationScorer, config: ComposeConfig, progress: bool = False
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """``budget`` Adam steps on ``ce + l1 * mean|w|``; returns the best iterate and the trace."""
+def adam_steps(
+    w: torch.Tensor,
+    cross_entropy: Callable[[], torch.Tensor],
+    config: ComposeConfig,
+    *,
+    desc: str = "adam",
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``budget`` Adam steps on ``ce + l1 * mean|w|``, ``w`` clipped to the bounds after
+    each; yields ``(step, objective, ce)`` for every iterate, the final one included
+    (the last pass only scores it). The caller keeps the best (the model frozen)."""
     lo, hi = config.bounds
-    e = scorer.n_experts
-    device = next(model.parameters()).device
-    w = torch.full((e,), 1.0 / e, device=device, requires_grad=True)
     opt = torch.optim.Adam([w], lr=config.lr)
-    trace: list[dict[str, Any]] = []
-    with frozen(model), tqdm(total=config.budget, desc="adam", disable=not progress) as bar:
-        for step in range(config.budget + 1):  # the last pass only scores the final iterate
-            ce = scorer.forward(w[None])[0]
+    best = float("inf")
+    with tqdm(total=config.budget, desc=desc, disable=not progress) as bar:
+        for step in range(config.budget + 1):
+            ce = cross_entropy()
             objective = ce + config.l1 * w.abs().mean()
-            x = w.detach().cpu().double().numpy()
-            trace.append(_entry(step, float(objective.detach()), float(ce.detach()), x))
+            yield step, objective, ce
+            best = min(best, float(objective.detach()))
             if step == config.budget:
                 break
             opt.zero_grad(set_to_none=True)
@@ -63,7 +67,23 @@ def adam_search(
             with torch.no_grad():
                 w.clamp_(lo, hi)
             bar.update()
-            bar.set_postfix(loss=f"{min(t['loss'] for t in trace):.4f}")
+            bar.set_postfix(loss=f"{best:.4f}")
+
+
+def adam_search(
+    model: nn.Module, scorer: PopulationScorer, config: ComposeConfig, progress: bool = False
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``budget`` Adam steps on ``ce + l1 * mean|w|``; returns the best iterate and the trace."""
+    e = scorer.n_experts
+    device = next(model.parameters()).device
+    w = torch.full((e,), 1.0 / e, device=device, requires_grad=True)
+    trace: list[dict[str, Any]] = []
+    with frozen(model):
+        for step, objective, ce in adam_steps(
+            w, lambda: scorer.forward(w[None])[0], config, progress=progress
+        ):
+            x = w.detach().cpu().double().numpy()
+            trace.append(_entry(step, float(objective.detach()), float(ce.detach()), x))
     best = min(trace, key=lambda t: t["loss"])
     return np.asarray(best["weights"], dtype=np.float64), trace
 

@@ -32,6 +32,28 @@ def tensors_sha256(arrays: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def save_derived(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` to ``path`` with ``metadata`` plus their ``tensors_sha256``,
+    through a temporary file, fsync and rename (a crash leaves the old file or none)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=header)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def file_problem(path: Path) -> str | None:
     """Why the derived safetensors file ``path`` is unusable, or None if it is sound."""
     import numpy as np

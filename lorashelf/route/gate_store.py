@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorashelf.errors import LorashelfError
-from lorashelf.library.derived import tensors_sha256
+from lorashelf.library.derived import save_derived, tensors_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -77,27 +76,14 @@ def save_gates(
     meta: Mapping[str, Any],
 ) -> Path:
     """Write ``gates`` (``{module: [d_in]}``) and ``meta`` (JSON-ready) to the gate file."""
-    from safetensors.torch import save_file
 
     path = gates_path(directory, checksum)
     if not gates:
         raise LorashelfError("no gates to save: the expert adapts no module")
     tensors = {m: g.detach().float().cpu().contiguous() for m, g in gates.items()}
     header = {k: json.dumps(v) for k, v in meta.items() if k not in RAW_FIELDS}
-    header.update(
-        format=GATES_FORMAT, adapter_sha256=checksum, tensors_sha256=tensors_sha256(tensors)
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    header.update(format=GATES_FORMAT, adapter_sha256=checksum)
+    save_derived(path, tensors, header)
     return path
 
 

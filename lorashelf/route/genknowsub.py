@@ -37,35 +37,35 @@ from lorashelf.lora.stack import Experts
 VARIANTS = ("none", "peft", "delta")
 
 
-def _subtract_peft(fs: dict[str, LoraFactors], general: list[dict]) -> dict[str, LoraFactors]:
+def _subtract(
+    fs: dict[str, LoraFactors], general: list[dict], variant: str
+) -> dict[str, LoraFactors]:
+    """Each module of ``fs`` minus the mean of the general experts adapting it."""
     out = {}
     for m, f in fs.items():
         gs = [g[m] for g in general if m in g]
-        if not gs:
-            out[m] = f
-            continue
-        if {g.rank for g in gs} != {f.rank}:
-            raise LorashelfError(
-                f"gks='peft' subtracts A and B entry by entry, but at {m} the task expert has "
-                f"rank {f.rank} and the general experts {sorted({g.rank for g in gs})}; use "
-                "gks='delta', which subtracts the updates exactly"
-            )
-        A = f.A.float() - torch.stack([g.A.float() for g in gs]).mean(0)
-        B = f.B.float() - torch.stack([g.B.float() for g in gs]).mean(0)
-        out[m] = LoraFactors(A.to(f.A.dtype), B.to(f.B.dtype), f.scale)
+        minus = _minus_mean_factors if variant == "peft" else _minus_mean_delta
+        out[m] = minus(m, f, gs) if gs else f
     return out
 
 
-def _subtract_delta(fs: dict[str, LoraFactors], general: list[dict]) -> dict[str, LoraFactors]:
-    out = {}
-    for m, f in fs.items():
-        gs = [g[m] for g in general if m in g]
-        if not gs:
-            out[m] = f
-            continue
-        c = combine([f, *gs], [1.0] + [-1.0 / len(gs)] * len(gs), "output")
-        out[m] = LoraFactors(c.A.to(f.A.dtype), c.B.to(f.B.dtype), c.scale)
-    return out
+def _minus_mean_factors(m: str, f: LoraFactors, gs: list[LoraFactors]) -> LoraFactors:
+    """PEFT's variant: ``A - mean A_g``, ``B - mean B_g`` (entry by entry)."""
+    if {g.rank for g in gs} != {f.rank}:
+        raise LorashelfError(
+            f"gks='peft' subtracts A and B entry by entry, but at {m} the task expert has "
+            f"rank {f.rank} and the general experts {sorted({g.rank for g in gs})}; use "
+            "gks='delta', which subtracts the updates exactly"
+        )
+    A = f.A.float() - torch.stack([g.A.float() for g in gs]).mean(0)
+    B = f.B.float() - torch.stack([g.B.float() for g in gs]).mean(0)
+    return LoraFactors(A.to(f.A.dtype), B.to(f.B.dtype), f.scale)
+
+
+def _minus_mean_delta(m: str, f: LoraFactors, gs: list[LoraFactors]) -> LoraFactors:
+    """The exact update difference ``s B A - mean_g s_g B_g A_g``, kept low-rank."""
+    c = combine([f, *gs], [1.0] + [-1.0 / len(gs)] * len(gs), "output")
+    return LoraFactors(c.A.to(f.A.dtype), c.B.to(f.B.dtype), c.scale)
 
 
 def subtract_general(
@@ -95,8 +95,7 @@ def subtract_general(
     tasks = [(i, n, fs) for i, (n, fs) in enumerate(experts) if n not in general]
     if not tasks:
         raise LorashelfError("every expert is a general-knowledge expert; nothing is left to route")
-    sub = _subtract_peft if variant == "peft" else _subtract_delta
-    out = [(n, sub(fs, gen)) for _, n, fs in tasks]
+    out = [(n, _subtract(fs, gen, variant)) for _, n, fs in tasks]
     if checksums is None:
         return out, None
     tag = hashlib.sha256(

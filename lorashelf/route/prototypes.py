@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lorashelf.errors import LorashelfError
-from lorashelf.library.derived import CHECKSUM_KEY, file_problem, tensors_sha256
+from lorashelf.library.derived import file_problem, save_derived
 from lorashelf.library.factors import LoraFactors
 from lorashelf.lora.stack import Experts, check_experts
 
@@ -164,14 +162,5 @@ def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torc
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     fresh = {f"{key}/{m}": p.float().contiguous() for (key, m), p in new.items()}
     tensors.update({k: t for k, t in fresh.items() if bool(torch.isfinite(t).all())})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        meta = {"format": CACHE_FORMAT, "method": "exact: thin QR of A^T and B, SVD of r x r core"}
-        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    meta = {"format": CACHE_FORMAT, "method": "exact: thin QR of A^T and B, SVD of r x r core"}
+    save_derived(path, tensors, meta)

@@ -21,18 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lorashelf.errors import LorashelfError
-from lorashelf.library.derived import CHECKSUM_KEY, file_problem, tensors_sha256
+from lorashelf.library.derived import file_problem, save_derived
 
 CACHE_FORMAT = "lorashelf-retrieval-embeddings/1"
 CACHE_FILE = "retrieval_embeddings.safetensors"
@@ -82,20 +79,8 @@ def write_embeddings(path: Path, new: Mapping[str, torch.Tensor]) -> None:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors.update({k: t.float().contiguous() for k, t in new.items() if torch.isfinite(t).all()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        meta = {
-            "format": CACHE_FORMAT,
-            "method": "mean of base-model mean-pooled last hidden states",
-        }
-        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    meta = {"format": CACHE_FORMAT, "method": "mean of base-model mean-pooled last hidden states"}
+    save_derived(path, tensors, meta)
 
 
 def expert_embeddings(
