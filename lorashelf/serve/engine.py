@@ -2,15 +2,17 @@
 
 Requests wait in a bounded queue (a full queue is refused at once, the server's 503).
 The worker thread takes the first waiting request, waits up to ``window_s`` for more
-(up to ``max_batch``) and runs them as one batch to the end: the prompts are
-left-padded, the attention mask hides the padding and the position ids count only
-real tokens (``cumsum(mask) - 1``), so every row sees exactly the positions and keys
-it would see alone; one prefill fills a KV cache, then each decode step feeds every
-live row its last token. A row that finishes (end of sequence, a stop string, its
-token budget) or whose client went away is dropped from the cache and the plan, so
-the others do not pay for it. New requests wait for the next batch (static batching:
-simple and exact; a running batch never changes its rows' inputs). The library is
-re-read between batches, never under a running one.
+(up to ``max_batch``) and prefills them as one batch: the prompts are left-padded,
+the attention mask hides the padding and the position ids count only real tokens
+(``cumsum(mask) - 1``), so every row sees exactly the positions and keys it would see
+alone; then each decode step feeds every live row its last token. A row that
+finishes (end of sequence, a stop string, its token budget) or whose client went
+away is dropped from the cache and the plan, so the others do not pay for it.
+Batching is continuous (Orca, Yu et al. OSDI 2022; vLLM): between two decode steps,
+requests that arrived meanwhile are prefilled on their own and join the running
+batch, their KV cache and mask left-padded to its length, so a request never waits
+for a whole batch to finish. The library is re-read between batches, never under a
+running one (no request joins while a reload waits).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class _Row:
         self.stream = TextStream(tokenizer, req.params.stop)
         self.generator = req.params.generator()
         self.generated = 0
+        self.done = False  # its last event (done or error) was sent
 
 
 class Engine:
@@ -181,7 +184,21 @@ class Engine:
             self._reloaded.notify_all()
 
     def run_batch(self, batch: list[Request]) -> None:
-        """Run ``batch`` to the end; every request gets its events (errors included)."""
+        """Run ``batch`` to the end (admitting waiting requests as rows finish); every
+        request gets its events (errors included)."""
+        rows = self._admit(batch)
+        if not rows:
+            return
+        try:
+            with self.lock, torch.inference_mode():
+                self._generate(rows)
+        except Exception as e:  # never let one batch kill the worker
+            log.exception("a batch failed")
+            for row in rows:
+                if not row.done:
+                    _emit(row.req, Event("error", text=f"generation failed: {e}", status=500))
+
+    def _admit(self, batch: list[Request]) -> list[_Row]:
         rows = []
         for req in batch:
             if req.cancelled:
@@ -192,19 +209,46 @@ class Engine:
                 _emit(req, Event("error", text=str(e), status=404))
             except LorashelfError as e:
                 _emit(req, Event("error", text=str(e), status=400))
-        if not rows:
-            return
-        try:
-            with self.lock, torch.inference_mode():
-                self._generate(rows)
-        except Exception as e:  # never let one batch kill the worker
-            log.exception("a batch failed")
-            for row in rows:
-                _emit(row.req, Event("error", text=f"generation failed: {e}", status=500))
+        return rows
+
+    def _waiting(self, room: int) -> list[Request]:
+        """Requests already queued, up to ``room`` (none while a reload is pending: the
+        library is re-read between batches)."""
+        taken: list[Request] = []
+        while len(taken) < room and not self._reload.is_set():
+            try:
+                taken.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
 
     def _generate(self, rows: list[_Row]) -> None:
-        bank, device = self.bank, self.bank.device
+        """Prefill ``rows``, then decode every live row one token per step.
+
+        Continuous batching: after each step, requests waiting in the queue are
+        prefilled on their own and join the running batch (their KV cache and mask
+        left-padded to the batch's length, so every row still sees only its own
+        tokens), up to ``max_batch`` rows. Rows that join are appended to ``rows``, so a failure reaches them too.
+        """
         record = any(r.req.return_routing for r in rows)
+        batch: _Batch | None = self._prefill(list(rows), record)
+        while batch is not None:
+            batch = self._narrow(batch, self._step(batch.rows, batch.logits), record)
+            room = self.max_batch - (len(batch.rows) if batch else 0)
+            joined = self._admit(self._waiting(room)) if _joinable(batch) else []
+            if joined:
+                rows += joined
+                record = record or any(r.req.return_routing for r in joined)
+                new = self._prefill(joined, record)
+                new = self._narrow(new, self._step(new.rows, new.logits), record)
+                batch = _concat(batch, new)
+                if batch is not None:
+                    self.bank.prepare([r.spec for r in batch.rows], record)
+            if batch is not None:
+                batch = self._decode(batch)
+
+    def _prefill(self, rows: list[_Row], record: bool) -> _Batch:
+        bank, device = self.bank, self.bank.device
         bank.prepare([r.spec for r in rows], record)
         width = max(len(r.req.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
@@ -223,29 +267,31 @@ class Engine:
         for i, r in enumerate(rows):
             if r.req.params.echo:
                 _emit(r.req, self._prompt_event(r, out.logits[i] if echo else None, width))
-        logits = out.logits[:, -1].float()
-        while True:
-            keep = self._step(rows, logits)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, device=device)
-                rows = [rows[i] for i in keep]
-                cache.batch_select_indices(idx)
-                mask, positions = mask[idx], positions[idx]
-                last = [r.stream.ids[-1] for r in rows]
-                bank.prepare([r.spec for r in rows], record)
-            else:
-                last = [r.stream.ids[-1] for r in rows]
-                bank.plan.reset_record()
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-            positions = positions[:, -1:] + 1
-            step_ids = torch.tensor(last, device=device)[:, None]
-            out = bank.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                use_cache=True, **{self._cache_kw: cache},
-            )  # fmt: skip
-            logits = out.logits[:, -1].float()
+        return _Batch(rows, cache, mask, positions[:, -1:], out.logits[:, -1].float())
+
+    def _narrow(self, batch: _Batch, keep: list[int], record: bool) -> _Batch | None:
+        """The rows that go on (the plan follows them); None when none does."""
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            idx = torch.tensor(keep, device=batch.mask.device)
+            batch.cache.batch_select_indices(idx)
+            batch = _Batch([batch.rows[i] for i in keep], batch.cache, batch.mask[idx],
+                           batch.positions[idx], batch.logits[idx])  # fmt: skip
+            self.bank.prepare([r.spec for r in batch.rows], record)
+        return batch
+
+    def _decode(self, batch: _Batch) -> _Batch:
+        """One step: every row's last token through the model."""
+        self.bank.plan.reset_record()
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], 1)
+        positions = batch.positions + 1
+        step_ids = torch.tensor([r.stream.ids[-1] for r in batch.rows], device=mask.device)
+        out = self.bank.model(
+            input_ids=step_ids[:, None], attention_mask=mask, position_ids=positions,
+            use_cache=True, **{self._cache_kw: batch.cache},
+        )  # fmt: skip
+        return _Batch(batch.rows, batch.cache, mask, positions, out.logits[:, -1].float())
 
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Choose each row's next token, report it; the indices of rows that go on."""
@@ -255,8 +301,10 @@ class Engine:
         for i, r in enumerate(rows):
             req, p = r.req, r.req.params
             if req.cancelled:
+                r.done = True
                 continue
             if p.max_tokens == 0:
+                r.done = True
                 _emit(req, Event("done", finish_reason="length"))
                 continue
             token = int(chosen[i])
@@ -281,6 +329,7 @@ class Engine:
             if finish is None:
                 keep.append(i)
             else:
+                r.done = True
                 _emit(req, Event("done", text=r.stream.flush(), finish_reason=finish))
         return keep
 
@@ -303,6 +352,51 @@ class Engine:
             ev.logprobs = [None, *chosen]
             ev.tops = [None] + [dict(zip(*top_logprobs(lp[j], k))) for j in range(len(prompt) - 1)]
         return ev
+
+
+@dataclass
+class _Batch:
+    """The running rows and their state between steps: KV cache, attention mask (as
+    wide as the cache), each row's last position and its next-token logits."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor  # [B, 1]
+    logits: torch.Tensor  # [B, V] float32
+
+
+def _joinable(batch: _Batch | None) -> bool:
+    """New rows can join a batch whose cache is plain per-layer keys/values tensors."""
+    if batch is None:
+        return True
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(batch.cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _concat(a: _Batch | None, b: _Batch | None) -> _Batch | None:
+    """One batch of ``a``'s rows then ``b``'s, both left-padded to the longer cache."""
+    if a is None or b is None:
+        return a if b is None else b
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
+        la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
+    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)])
+    return _Batch(a.rows + b.rows, a.cache, mask, torch.cat([a.positions, b.positions]),
+                  torch.cat([a.logits, b.logits]))  # fmt: skip
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros in front along ``dim`` up to ``width`` (masked positions)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
 
 
 def _new_cache(model: torch.nn.Module) -> Any:

@@ -123,3 +123,47 @@ def test_unknown_expert_is_an_error_event(served, serve_kit):
         served.engine, [(PROMPTS[0], C("lib", "expert", ("alpah",)), GREEDY)]
     )
     assert events == [events[0]] and events[0].kind == "error" and events[0].status == 404
+
+
+def _queued(engine, tokenizer, jobs, events):
+    from lorashelf.serve.engine import Request
+
+    for i, (text, comp, params) in enumerate(jobs):
+        engine.queue.put_nowait(
+            Request(tokenizer(text)["input_ids"], comp, params, events[i].append)
+        )
+
+
+@pytest.mark.parametrize("max_batch", [8, 3])
+def test_waiting_requests_join_a_running_batch(served, serve_kit, max_batch):
+    """Continuous batching: requests queued while a batch runs join it between steps
+    (their caches left-padded to the batch's length) and still get their solo tokens."""
+    engine = served.engine
+    engine.max_batch = max_batch
+    long_prompt = "a long prompt that makes the first cache wider than the others " * 2
+    first = (long_prompt, COMPS[6], SamplingParams(max_tokens=3))
+    later = [
+        (PROMPTS[i % len(PROMPTS)], c, SamplingParams(max_tokens=2 + i % 4))
+        for i, c in enumerate(COMPS)
+    ]
+    events = [[] for _ in later]
+    _queued(engine, served.tokenizer, later, events)
+    (head,) = serve_kit.complete(engine, [first])
+    assert engine.queue.empty()  # every queued request ran inside that one run_batch
+    (solo_head,) = serve_kit.complete(engine, [first])
+    assert serve_kit.tokens(head) == serve_kit.tokens(solo_head)
+    for job, got in zip(later, events):
+        (solo,) = serve_kit.complete(engine, [job])
+        assert serve_kit.tokens(got) == serve_kit.tokens(solo), job[1]
+        assert len(serve_kit.tokens(got)) == job[2].max_tokens
+        assert got[-1].kind == "done"
+
+
+def test_no_request_joins_while_a_reload_waits(served, serve_kit):
+    engine = served.engine
+    events = [[]]
+    _queued(engine, served.tokenizer, [(PROMPTS[1], COMPS[1], GREEDY)], events)
+    engine._reload.set()
+    serve_kit.complete(engine, [(PROMPTS[0], COMPS[0], SamplingParams(max_tokens=3))])
+    assert engine.queue.qsize() == 1 and events == [[]]
+    engine._reload.clear()
