@@ -10,7 +10,9 @@ Then all requests use Arrow routing (``LIB:arrow``) and then the base model (``L
 for Arrow's time per token against the base model's. Printed: generated tokens/s, the
 ratios, p50/p99 latency of the server requests, and how many server answers equal
 PEFT's greedy answers token for token (a speed ratio counts only at equal results;
-bf16 can flip near-ties).
+bf16 can flip near-ties). Both sides generate every token of their budget: PEFT with
+``eos_token_id=None``, the server with vLLM's ``ignore_eos`` option, so the work is
+the same.
 
     .venv/bin/python bench/serve_throughput.py [--model smollm2-135m|DIR|random:tiny]
         [--library LIB] [--experts 8] [--requests 16] [--new-tokens 32]
@@ -108,7 +110,7 @@ def http_round(
         t0 = time.perf_counter()
         r = client.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
             "model": models[i], "prompt": prompts[i], "max_tokens": n_tokens, "temperature": 0,
-            "logprobs": 0})  # fmt: skip
+            "logprobs": 0, "ignore_eos": True})  # fmt: skip
         r.raise_for_status()
         body = r.json()
         results[i] = {"latency": time.perf_counter() - t0, "text": body["choices"][0]["text"],

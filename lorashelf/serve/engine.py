@@ -317,7 +317,7 @@ class Engine:
                 ev.routing = self._top_experts(routing[i])
             r.generated += 1
             finish = None
-            if token in self.eos:
+            if token in self.eos and not p.ignore_eos:
                 finish = "stop"
             else:
                 ev.text = r.stream.push(token)

@@ -94,6 +94,7 @@ def parse(body: Any, kind: str, tokenizer: Any) -> Parsed:
             stop=tuple(stop),
             logprobs=logprobs,
             echo=echo,
+            ignore_eos=_get(body, "ignore_eos", (bool,), False),
         )
     except LorashelfError as e:
         raise ParamError(str(e), str(e).split(" ", 1)[0]) from None

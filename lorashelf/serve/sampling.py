@@ -33,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top log-probabilities per token (OpenAI: 0..5)
     echo: bool = False  # return the prompt (and its logprobs) before the answer
+    ignore_eos: bool = False  # go on past end-of-sequence tokens (vLLM's option; benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

@@ -167,3 +167,21 @@ def test_no_request_joins_while_a_reload_waits(served, serve_kit):
     serve_kit.complete(engine, [(PROMPTS[0], COMPS[0], SamplingParams(max_tokens=3))])
     assert engine.queue.qsize() == 1 and events == [[]]
     engine._reload.clear()
+
+
+def test_ignore_eos_goes_on_past_end_of_sequence(served, serve_kit):
+    from lorashelf.serve.protocol import ParamError, parse
+
+    engine = served.engine
+    job = (PROMPTS[0], COMPS[1], SamplingParams(max_tokens=4))
+    (free,) = serve_kit.complete(engine, [job])
+    engine.eos = {serve_kit.tokens(free)[0]}  # the first greedy token now ends the answer
+    (stopped,) = serve_kit.complete(engine, [job])
+    assert len(serve_kit.tokens(stopped)) == 1 and stopped[-1].finish_reason == "stop"
+    body = {"model": "lib", "prompt": "x", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    params = parse(body, "completion", served.tokenizer).params
+    assert params.ignore_eos
+    (going,) = serve_kit.complete(engine, [(PROMPTS[0], COMPS[1], params)])
+    assert serve_kit.tokens(going) == serve_kit.tokens(free)
+    with pytest.raises(ParamError):
+        parse({"model": "lib", "prompt": "x", "ignore_eos": "yes"}, "completion", served.tokenizer)
