@@ -57,6 +57,11 @@ def _method_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model (default: the library's)")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument(
+        "--lora-dtype", default="model", choices=["model", "fp32"],
+        help="precision of the LoRA branch: the model's (fastest) or fp32 (PEFT's numerics "
+        "on a bf16 model)",
+    )  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -81,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     comp = with_options(parse_method(name, args.method), options)
     text = args.prompt if args.prompt is not None else _read(args.prompt_file)
     bank, tokenizer = load_bank([args.library], home=args.home, device=args.device,
-                                dtype=args.dtype, model=args.model)  # fmt: skip
+                                dtype=args.dtype, model=args.model,
+                                lora_dtype=args.lora_dtype)  # fmt: skip
     bank.resolve(comp)  # unknown experts fail here, before any generation
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -142,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         libraries=tuple(args.library), host=args.host, port=args.port, api_key=args.api_key,
         max_batch=args.max_batch, max_queue=args.max_queue,
         window_s=args.batch_window_ms / 1000, watch_s=args.watch_s, model=args.model,
-        dtype=args.dtype,
+        dtype=args.dtype, lora_dtype=args.lora_dtype,
     )  # fmt: skip
     run_server(config, home=args.home, device=args.device)
     return 0

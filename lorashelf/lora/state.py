@@ -56,6 +56,8 @@ class MixtureState:
         tensor (a transformer's q, k and v projections)."""
         if x.dtype == self.lora_dtype:
             return x
+        if x.is_inference():  # no version counter to tell an in-place edit: cast anew
+            return x.to(self.lora_dtype)
         c = self._cast
         if c is None or c.source is not x or c.source_version != x._version:
             c = self._cast = CastCache(x, x._version, x.to(self.lora_dtype))

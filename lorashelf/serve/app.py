@@ -48,6 +48,7 @@ class ServeConfig:
     watch_s: float = 2.0
     model: str | None = None
     dtype: str | None = None
+    lora_dtype: str = "model"
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
@@ -283,7 +284,7 @@ def run_server(config: ServeConfig, *, home: Path, device: Any) -> None:
     from lorashelf.serve.loading import load_bank
 
     bank, tokenizer = load_bank(config.libraries, home=home, device=device, dtype=config.dtype,
-                                model=config.model)  # fmt: skip
+                                model=config.model, lora_dtype=config.lora_dtype)  # fmt: skip
     engine = Engine(bank, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
                     window_s=config.window_s).start()  # fmt: skip
     app = create_app(engine, api_key=config.api_key, watch_s=config.watch_s)

@@ -40,11 +40,20 @@ class Snapshot:
 class Bank:
     """The base model, its libraries and the attached mixture (see module docstring)."""
 
-    def __init__(self, model: nn.Module, libraries: Mapping[str, Library]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        libraries: Mapping[str, Library],
+        lora_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.libraries = dict(libraries)
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device = p.device
+        # the LoRA branch's precision: the model's (None), or float32 as PEFT computes
+        # adapters on a bf16 base
+        self.lora_dtype = lora_dtype
+        self.dtype = lora_dtype or p.dtype
         self.plan = BatchPlan(self.device)
         self.snapshot = Snapshot({}, {})
         self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
@@ -121,7 +130,7 @@ class Bank:
             base = self.model.get_submodule(m)
             self._wrapped[m] = DeltaLinear(base, m, self.plan)
             _set_module(self.model, m, self._wrapped[m])
-        self._handle = attach(self.model, experts, routers={})
+        self._handle = attach(self.model, experts, routers={}, lora_dtype=self.lora_dtype)
         self._handle.set_routers(
             {
                 m: BatchRouter(m, layer.members, self.plan)

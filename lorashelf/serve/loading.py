@@ -49,12 +49,17 @@ def load_bank(
     device: torch.device,
     dtype: str | None = None,
     model: str | None = None,
+    lora_dtype: str = "model",
 ) -> tuple[Bank, Any]:
-    """The bank over ``paths`` on the libraries' base model (or ``model``), and its tokenizer."""
+    """The bank over ``paths`` on the libraries' base model (or ``model``), and its tokenizer.
+
+    ``lora_dtype`` is ``model`` (the LoRA branch computes in the model's dtype, the
+    fastest) or a dtype name (``fp32``: PEFT's numerics on a bf16 model)."""
     from lorashelf.models import load_base
     from lorashelf.runtime import resolve_dtype
 
     libraries = open_libraries(paths)
     name = model or next(iter(libraries.values())).base_model
     base = load_base(name, home=home, dtype=resolve_dtype(dtype, device), device=device)
-    return Bank(base.model, libraries), base.tokenizer
+    lora = None if lora_dtype == "model" else resolve_dtype(lora_dtype, device)
+    return Bank(base.model, libraries, lora_dtype=lora), base.tokenizer

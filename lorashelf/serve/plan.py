@@ -133,6 +133,6 @@ class DeltaLinear(nn.Linear):
         for key, rows in self.plan.dense:
             delta = self.plan.deltas[key].get(self.module)
             if delta is not None:
-                extra = nn.functional.linear(x.index_select(0, rows), delta.to(x.dtype))
-                y = y.index_add(0, rows, extra)
+                extra = nn.functional.linear(x.index_select(0, rows).to(delta.dtype), delta)
+                y = y.index_add(0, rows, extra.to(y.dtype))
         return y

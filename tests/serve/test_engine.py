@@ -185,3 +185,37 @@ def test_ignore_eos_goes_on_past_end_of_sequence(served, serve_kit):
     assert serve_kit.tokens(going) == serve_kit.tokens(free)
     with pytest.raises(ParamError):
         parse({"model": "lib", "prompt": "x", "ignore_eos": "yes"}, "completion", served.tokenizer)
+
+
+def test_fp32_lora_on_a_bf16_model_matches_peft(tiny_library, tiny_model, tiny_tokenizer):
+    """``--lora-dtype fp32``: the LoRA branch in float32 on a bf16 base, as PEFT loads
+    adapters (autocast_adapter_dtype); the prompt logits equal PEFT's, the default
+    (bf16 branch) ones do not match as closely."""
+    from peft import PeftModel
+
+    from lorashelf.serve.bank import Bank
+    from lorashelf.serve.engine import Engine
+
+    lib = tiny_library({"alpha": ["task:a"], "beta": ["task:b"]})
+    params = SamplingParams(max_tokens=1, echo=True, logprobs=0)
+    ids = tiny_tokenizer(PROMPTS[2])["input_ids"]
+    peft = PeftModel.from_pretrained(
+        copy.deepcopy(tiny_model).bfloat16(), str(lib.get("beta").path)
+    )
+    assert next(p for n, p in peft.named_parameters() if "lora_A" in n).dtype == torch.float32
+    with torch.no_grad():
+        ref = peft(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    ref = ref.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    gaps = {}
+    for lora_dtype in (torch.float32, None):
+        bank = Bank(copy.deepcopy(tiny_model).bfloat16(), {"lib": lib}, lora_dtype=lora_dtype)
+        engine = Engine(bank, tiny_tokenizer)
+        events = []
+        from lorashelf.serve.engine import Request
+
+        engine.run_batch([Request(ids, C("lib", "expert", ("beta",)), params, events.append)])
+        bank.close()
+        got = torch.tensor(events[0].logprobs[1:])
+        gaps[lora_dtype] = float((got - ref).abs().max())
+    assert gaps[torch.float32] < 1e-4
+    assert gaps[None] > gaps[torch.float32]
