@@ -16,7 +16,8 @@ the same.
 
     .venv/bin/python bench/serve_throughput.py [--model smollm2-135m|DIR|random:tiny]
         [--library LIB] [--experts 8] [--requests 16] [--new-tokens 32]
-        [--device auto|cpu|cuda] [--dtype bf16] [--threads N] [--json OUT]
+        [--device auto|cpu|cuda] [--dtype bf16] [--lora-dtype fp32|model] [--threads N]
+        [--json OUT]
 
 The defaults are the issue's acceptance run (SmolLM2 bf16, 8 experts, 16 requests, 32
 tokens); check it at small sizes first (``--model random:tiny --experts 2 --requests 4
@@ -84,7 +85,7 @@ def start_server(lib: Path, args, port: int) -> subprocess.Popen:
     threads = ["--threads", str(args.threads)] if args.threads else []
     cmd = [sys.executable, "-m", "lorashelf", "--device", args.device, *threads, "serve", str(lib),
            "--port", str(port), "--dtype", args.dtype, "--max-batch", str(args.requests),
-           "--watch-s", "0"]  # fmt: skip
+           "--watch-s", "0", "--lora-dtype", args.lora_dtype]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -149,11 +150,15 @@ def peft_runs(base, tok, lib: Path, names: list[str], prompts: list[str], n_toke
         mixed = time.perf_counter() - t0
         texts = [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
         t0 = time.perf_counter()
+        solo = []
         for n, p in zip(names, prompts):
             model.set_adapter(n)
-            model.generate(**tok([p], return_tensors="pt").to(dev), **kw)
+            one = tok([p], return_tensors="pt").to(dev)
+            o = model.generate(**one, **kw)[0, one["input_ids"].shape[1] :]
+            solo.append(o)
         loop = time.perf_counter() - t0
-    return {"mixed": mixed, "loop": loop, "texts": texts}
+    solo_texts = [tok.decode(o, skip_special_tokens=True) for o in solo]
+    return {"mixed": mixed, "loop": loop, "texts": texts, "solo_texts": solo_texts}
 
 
 def base_dir(base, root: Path) -> str:
@@ -178,6 +183,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--lora-dtype", default="fp32", choices=["fp32", "model"],
+                    help="the server's LoRA branch: fp32 as PEFT computes adapters (default, "
+                    "same numbers), or the model's dtype (faster, rounds differently)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -224,6 +232,9 @@ def main() -> None:
         peft = peft_runs(base.model, base.tokenizer, lib, names, prompts, args.new_tokens)
     n_tok = args.requests * args.new_tokens
     same = sum(a == b for a, b in zip(served["texts"], peft["texts"]))
+    # how far batching alone moves greedy answers: PEFT's mixed batch against its own
+    # one-request-at-a-time loop (in bf16 near-ties flip with the batch's shapes)
+    peft_self = sum(a == b for a, b in zip(peft["texts"], peft["solo_texts"]))
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "serve_tok_s": served["tokens"] / served["wall"],
@@ -233,9 +244,10 @@ def main() -> None:
         "base_tok_s": plain["tokens"] / plain["wall"],
         "p50_s": served["p50"], "p99_s": served["p99"],
         "answers_equal_to_peft": f"{same}/{args.requests}",
+        "peft_mixed_equal_to_peft_loop": f"{peft_self}/{args.requests}",
     }  # fmt: skip
     print(f"{args.requests} requests x {args.new_tokens} tokens, {args.experts} experts, "
-          f"{args.model} {args.dtype} on {args.device}")  # fmt: skip
+          f"{model} {args.dtype} (server LoRA branch: {args.lora_dtype}) on {args.device}")  # fmt: skip
     print(f"  lorashelf serve (HTTP)  {result['serve_tok_s']:9.1f} tok/s   "
           f"p50 {served['p50']:.2f} s  p99 {served['p99']:.2f} s")  # fmt: skip
     print(f"  PEFT mixed batch        {result['peft_mixed_tok_s']:9.1f} tok/s   "
@@ -246,14 +258,16 @@ def main() -> None:
         f"  Arrow vs base time/token: {result['base_tok_s'] / result['arrow_tok_s']:.2f}x "
         "(target <= 1.3)"
     )
-    print(f"  server answers equal to PEFT's: {result['answers_equal_to_peft']}")
+    print(f"  server answers equal to PEFT's mixed batch: {result['answers_equal_to_peft']} "
+          f"(PEFT's mixed batch equal to its own loop: {peft_self}/{args.requests})")  # fmt: skip
     print(
         f"RESULT serve_throughput: {result['serve_tok_s'] / result['peft_mixed_tok_s']:.2f}x "
         f"tokens/s vs PEFT's mixed-adapter batch (target >= 1), "
         f"{result['serve_tok_s'] / result['peft_loop_tok_s']:.2f}x vs its set_adapter loop "
         f"(target >= 3), Arrow {result['base_tok_s'] / result['arrow_tok_s']:.2f}x base time "
         f"per token (target <= 1.3), p50 {served['p50']:.2f} s p99 {served['p99']:.2f} s; "
-        f"answers equal to PEFT's {result['answers_equal_to_peft']}"
+        f"answers equal to PEFT's {result['answers_equal_to_peft']} (PEFT mixed vs its own "
+        f"loop {result['peft_mixed_equal_to_peft_loop']})"
     )
     write_json(args.json, result)
 
