@@ -235,6 +235,7 @@ def main() -> None:
     # how far batching alone moves greedy answers: PEFT's mixed batch against its own
     # one-request-at-a-time loop (in bf16 near-ties flip with the batch's shapes)
     peft_self = sum(a == b for a, b in zip(peft["texts"], peft["solo_texts"]))
+    same_solo = sum(a == b for a, b in zip(served["texts"], peft["solo_texts"]))
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "serve_tok_s": served["tokens"] / served["wall"],
@@ -244,6 +245,7 @@ def main() -> None:
         "base_tok_s": plain["tokens"] / plain["wall"],
         "p50_s": served["p50"], "p99_s": served["p99"],
         "answers_equal_to_peft": f"{same}/{args.requests}",
+        "answers_equal_to_peft_loop": f"{same_solo}/{args.requests}",
         "peft_mixed_equal_to_peft_loop": f"{peft_self}/{args.requests}",
     }  # fmt: skip
     print(f"{args.requests} requests x {args.new_tokens} tokens, {args.experts} experts, "
@@ -258,16 +260,18 @@ def main() -> None:
         f"  Arrow vs base time/token: {result['base_tok_s'] / result['arrow_tok_s']:.2f}x "
         "(target <= 1.3)"
     )
-    print(f"  server answers equal to PEFT's mixed batch: {result['answers_equal_to_peft']} "
-          f"(PEFT's mixed batch equal to its own loop: {peft_self}/{args.requests})")  # fmt: skip
+    print(f"  server answers equal to PEFT's mixed batch: {result['answers_equal_to_peft']}, "
+          f"to its one-at-a-time loop: {same_solo}/{args.requests} (PEFT's mixed batch equal "
+          f"to its own loop: {peft_self}/{args.requests})")  # fmt: skip
     print(
         f"RESULT serve_throughput: {result['serve_tok_s'] / result['peft_mixed_tok_s']:.2f}x "
         f"tokens/s vs PEFT's mixed-adapter batch (target >= 1), "
         f"{result['serve_tok_s'] / result['peft_loop_tok_s']:.2f}x vs its set_adapter loop "
         f"(target >= 3), Arrow {result['base_tok_s'] / result['arrow_tok_s']:.2f}x base time "
         f"per token (target <= 1.3), p50 {served['p50']:.2f} s p99 {served['p99']:.2f} s; "
-        f"answers equal to PEFT's {result['answers_equal_to_peft']} (PEFT mixed vs its own "
-        f"loop {result['peft_mixed_equal_to_peft_loop']})"
+        f"answers equal to PEFT's mixed batch {result['answers_equal_to_peft']}, to its loop "
+        f"{same_solo}/{args.requests} (PEFT mixed vs its own loop "
+        f"{result['peft_mixed_equal_to_peft_loop']})"
     )
     write_json(args.json, result)
 

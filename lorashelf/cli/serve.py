@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.options import add_set_flag, parse_sets
+
 PALETTE = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green",
            "bright_blue", "bright_magenta", "bright_cyan", "orange3")  # fmt: skip
 
@@ -52,6 +54,7 @@ def _method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="arrow/phatgoose: experts per token")
     p.add_argument("--router-temperature", type=float, default=None, help="arrow: softmax temp.")
     p.add_argument("--density", type=float, default=None, help="ties: fraction of entries kept")
+    add_set_flag(p)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -82,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = {
         "experts": args.experts.split(",") if args.experts else None, "top_k": args.top_k,
         "temperature": args.router_temperature, "density": args.density,
+        "settings": parse_sets(args.set_options) or None,
     }  # fmt: skip
     comp = with_options(parse_method(name, args.method), options)
     text = args.prompt if args.prompt is not None else _read(args.prompt_file)

@@ -6,8 +6,10 @@ committed, so a half-written expert is never listed; its files are checked again
 their sha256 when read), attaches all experts plus the virtual ones with
 :func:`lorashelf.lora.attach` and one :class:`~lorashelf.serve.plan.BatchRouter` per
 module, and turns each request's :class:`~lorashelf.serve.compositions.Composition`
-into a :class:`~lorashelf.serve.plan.RowSpec`. Routers and TIES deltas are built on
-first use and cached (a few variants each: per-request top-k, temperature, subsets).
+into a :class:`~lorashelf.serve.plan.RowSpec`. Merges (any of lorashelf.merge.registry)
+and routers are built on first use and cached (a few variants each: per-request
+settings, top-k, temperature, subsets); a low-rank merge is attached as a virtual
+expert, a dense one (TIES, DARE, ...) is added as a per-row delta.
 Only the engine's worker thread calls :meth:`prepare` and :meth:`refresh`.
 """
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library
-from lorashelf.serve.compositions import DEFAULT_TOP_K, Composition, UnknownModel
+from lorashelf.serve.compositions import Composition, UnknownModel, merge_kinds, routed_kinds
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
@@ -60,6 +62,7 @@ class Bank:
         self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
         self.columns: dict[str, int] = {}
         self._routers: OrderedDict[Hashable, dict] = OrderedDict()
+        self._merges: OrderedDict[Hashable, Any] = OrderedDict()
         self._deltas: OrderedDict[Hashable, dict] = OrderedDict()
         self._handle = None
         self._wrapped: dict[str, DeltaLinear] = {}
@@ -94,6 +97,7 @@ class Bank:
         self.factors = {c: f for c, f in self.factors.items() if c in live}
         self.snapshot = snap
         self.virtual.clear()
+        self._merges.clear()
         self._routers.clear()
         self._deltas.clear()
         self._attach()
@@ -107,8 +111,9 @@ class Bank:
             out.append(Composition(lib))
             out += [Composition(lib, "expert", (n,)) for n in experts]
             if experts:
-                out += [Composition(lib, k) for k in ("uniform", "ties", "arrow")]
-            if self.snapshot.gates.get(lib):
+                out += [Composition(lib, k) for k in merge_kinds()]
+                out += [Composition(lib, k) for k in routed_kinds() if k != "phatgoose"]
+            if experts and self.snapshot.gates.get(lib):
                 out.append(Composition(lib, "phatgoose"))
         return out
 
@@ -151,7 +156,10 @@ class Bank:
 
     @staticmethod
     def _virtual_column(key: Hashable) -> str:
-        return ":".join(str(k) for k in key if k is not None)
+        """A merge's column name: ``LIB:METHOD[a,b]{density=0.3}``."""
+        kind, lib, subset, settings = key
+        name = f"{lib}:{kind}" + (f"[{subset}]" if subset else "")
+        return name + ("{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else "")
 
     # ------------------------------------------------------------ requests
     def resolve(self, comp: Composition) -> RowSpec:
@@ -175,19 +183,19 @@ class Bank:
         if not experts:
             raise LorashelfError(f"library {comp.library} has no experts to {comp.kind}")
         subset = tuple(sorted(names)) if names else None
-        if comp.kind == "uniform":
-            key = ("uniform", comp.library, ",".join(subset) if subset else None)
-            return RowSpec(fixed=((self._virtual_column(key), 1.0),), virtual=key)
-        if comp.kind == "ties":
-            return RowSpec(dense=("ties", comp.library, subset, comp.density))
+        if comp.merged:
+            key = (comp.kind, comp.library, ",".join(subset) if subset else None, comp.settings)
+            if self._merge(key).is_low_rank:
+                return RowSpec(fixed=((self._virtual_column(key), 1.0),), virtual=key)
+            return RowSpec(dense=key)
         if comp.kind == "phatgoose" and not self.snapshot.gates.get(comp.library):
             raise LorashelfError(
                 f"library {comp.library} has experts without PHATGOOSE gates; train them "
                 f"with `lorashelf gates train {self.libraries[comp.library].path}`"
             )
-        top_k = comp.top_k or DEFAULT_TOP_K[comp.kind]
-        temp = comp.temperature if comp.kind == "arrow" else None
-        return RowSpec(routed=(comp.kind, comp.library, subset, top_k, temp))
+        key = (comp.kind, comp.library, subset, comp.top_k, comp.temperature, comp.settings)
+        self._router_config(key)  # bad settings fail here, as the request's 400
+        return RowSpec(routed=key)
 
     def prepare(self, specs: Sequence[RowSpec], record: bool) -> None:
         """Make what ``specs`` need (virtual experts, routers, deltas) and set the plan."""
@@ -220,43 +228,68 @@ class Bank:
     def _members(self, lib: str, subset: tuple[str, ...] | None) -> list[str]:
         return list(subset) if subset else list(self.snapshot.experts[lib])
 
-    def _uniform(self, key: Hashable) -> dict[str, Any]:
+    def _merge(self, key: Hashable) -> Any:
+        """The :class:`~lorashelf.merge.Merged` of ``(method, lib, subset, settings)``."""
         from lorashelf.merge import merge
+        from lorashelf.methods import check_settings, get_method, make_config
 
-        _, lib, subset = key
-        names = self._members(lib, tuple(subset.split(",")) if subset else None)
-        return merge([self.factors[f"{lib}/{n}"] for n in names], "uniform").modules
+        def build(key: Hashable) -> Any:
+            kind, lib, subset, settings = key
+            method = get_method(kind)
+            check_settings([method], dict(settings))
+            names = self._members(lib, tuple(subset.split(",")) if subset else None)
+            factors = [self.factors[f"{lib}/{n}"] for n in names]
+            return merge(factors, kind, make_config(method, dict(settings)))
+
+        return self._cached(self._merges, key, build)
+
+    def _uniform(self, key: Hashable) -> dict[str, Any]:
+        """A low-rank merge's factors, attached as a virtual expert."""
+        return self._merge(key).modules
 
     def _build_delta(self, key: Hashable) -> dict[str, torch.Tensor]:
-        from lorashelf.merge import TiesConfig, merge
-
-        _, lib, subset, density = key
-        names = self._members(lib, subset)
-        merged = merge(
-            [self.factors[f"{lib}/{n}"] for n in names], "ties", TiesConfig(density=density)
-        )
+        merged = self._merge(key)
         return {m: merged.delta(m).to(self.device, self.dtype) for m in merged.names()}
 
-    def _build_routers(self, key: Hashable) -> dict[str, tuple[Any, torch.Tensor]]:
-        from lorashelf.route import ROUTERS, RouterContext
+    def _router_config(self, key: Hashable) -> Any:
+        """The router's options: its dataclass with the request's top-k, temperature and
+        settings (unknown or bad ones raise)."""
+        from lorashelf.methods import check_settings, get_method, make_config
 
-        kind, lib, subset, top_k, temp = key
+        kind, lib, subset, top_k, temp, settings = key
+        method = get_method(kind)
+        fields = dict(settings)
+        check_settings([method], fields)
         names = self._members(lib, subset)
-        experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
-        spec = ROUTERS.get(kind)
-        fields: dict[str, Any] = {"top_k": min(top_k, len(names))}
+        default = method.config_cls().top_k
+        fields["top_k"] = min(top_k or default, len(names))
         if kind == "arrow":
             fields["temperature"] = temp
         if kind == "phatgoose":
             from lorashelf.route.gate_store import gates_dir
 
             fields["gates_dir"] = str(gates_dir(self.libraries[lib].path))
+        config = make_config(method, fields)
+        if getattr(config, "gks", "none") != "none":
+            raise LorashelfError(
+                "GenKnowSub (gks) rewrites the routed experts, which the server does not "
+                "attach yet; evaluate it with `lorashelf eval LIB --method arrow --set gks=...`"
+            )
+        return config
+
+    def _build_routers(self, key: Hashable) -> dict[str, tuple[Any, torch.Tensor]]:
+        from lorashelf.route import ROUTERS, RouterContext
+
+        kind, lib, subset, *_ = key
+        names = self._members(lib, subset)
+        experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
+        spec = ROUTERS.get(kind)
         sums = [self.snapshot.experts[lib][n] for n in names]
         library = self.libraries[lib]
         ctx = RouterContext(
             experts, checksums=sums, cache_dir=library.path / "cache", device=self.device
         )
-        routers = spec.build(spec.config_cls(**fields), ctx)
+        routers = spec.build(self._router_config(key), ctx)
         out = {}
         for m, router in routers.items():
             layer = self._handle.layers[m]

@@ -2,15 +2,17 @@
 
 A composition is the base model, one expert (a trained, imported or LoraHub-composed
 one: they are all experts of the library), an explicit weighting of experts (LoRAX's
-per-request linear merge: the experts' outputs weighted), a weight-space merge
-(``uniform``: the mean of the experts' A and of their B, Ostapenko et al. 2024, arXiv
-2405.11157; ``ties``: TIES on the dense deltas, Yadav et al. 2023, arXiv 2306.01708),
-or per-token routing (``arrow``, ``phatgoose``), optionally over a subset of experts.
+per-request linear merge: the experts' outputs weighted), any weight-space merge of
+lorashelf.merge.registry (``uniform``, ``ties``, ``dare-ties``, ``wudi``, ...), or
+per-token routing by a router of lorashelf.route.registry (``arrow``, ``phatgoose``),
+optionally over a subset of experts, with the method's own options (``settings``:
+fields of its options dataclass, as ``eval --set`` takes them).
 
-Model ids name the common ones (``LIB``, ``LIB/EXPERT``, ``LIB:arrow``, ``LIB:uniform``,
-``LIB:ties``, ``LIB:phatgoose``); ``lorashelf generate --method`` and the request body's
-``lorashelf`` object (what the ``openai`` client sends as ``extra_body``) name the rest
-with eval's method names plus ``weights:NAME=0.7,NAME=0.3``.
+Model ids name them (``LIB``, ``LIB/EXPERT``, ``LIB:METHOD`` for every merge and
+router); ``lorashelf generate --method`` and the request body's ``lorashelf`` object
+(what the ``openai`` client sends as ``extra_body``) use eval's method names plus
+``weights:NAME=0.7,NAME=0.3``. Routers that need a pass over the whole prompt before
+routing (retrieval) are not served yet; they are refused with a pointer to ``eval``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,26 @@ from typing import Any
 
 from lorashelf.errors import LorashelfError, did_you_mean
 
-MERGES = ("uniform", "ties")
-ROUTED = ("arrow", "phatgoose")
-KINDS = ("base", "expert", "weights", *MERGES, *ROUTED)
-OPTIONS = ("method", "top_k", "temperature", "experts", "weights", "merge", "density")
-DEFAULT_TOP_K = {"arrow": 4, "phatgoose": 2}  # the routers' own defaults
+OWN_KINDS = ("base", "expert", "weights")
+OPTIONS = ("method", "top_k", "temperature", "experts", "weights", "merge", "density", "settings")
+# routers the batched server cannot run: they route on a pass over the whole prompt
+NOT_SERVED = {"retrieval": "it embeds the whole prompt before routing"}
+
+
+def merge_kinds() -> list[str]:
+    from lorashelf.merge.registry import MERGES
+
+    return MERGES.names()
+
+
+def routed_kinds() -> list[str]:
+    from lorashelf.route.registry import ROUTERS
+
+    return [n for n in ROUTERS.names() if n not in NOT_SERVED]
+
+
+def kinds() -> list[str]:
+    return [*OWN_KINDS, *merge_kinds(), *routed_kinds()]
 
 
 class UnknownModel(LorashelfError):
@@ -50,11 +67,22 @@ class Composition:
     weights: tuple[float, ...] | None = None  # kind "weights": one per expert
     top_k: int | None = None  # routed: experts per token (None: the router's default)
     temperature: float = 1.0  # arrow: routing softmax temperature
-    density: float = 0.2  # ties: fraction of each task vector kept
+    # the merge's or router's own options (sorted (field, value) pairs; checked by the
+    # bank against the method's options dataclass)
+    settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise LorashelfError(f"unknown method {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind in NOT_SERVED:
+            raise LorashelfError(
+                f"{self.kind} routing is not served ({NOT_SERVED[self.kind]}, which the "
+                f"batched server does not run yet); evaluate it with `lorashelf eval LIB "
+                f"--method {self.kind}`, or serve arrow"
+            )
+        if self.kind not in kinds():
+            raise LorashelfError(
+                f"unknown method {self.kind!r}{did_you_mean(self.kind, kinds())}; use one of "
+                f"{', '.join(kinds())}"
+            )
         if self.kind == "expert" and (not self.experts or len(self.experts) != 1):
             raise LorashelfError("method expert needs exactly one expert: expert:NAME")
         if self.kind == "weights":
@@ -64,12 +92,14 @@ class Composition:
             raise LorashelfError(f"top_k must be >= 1, got {self.top_k}")
         if not self.temperature > 0:
             raise LorashelfError(f"router temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.density <= 1.0:
-            raise LorashelfError(f"ties density must be in (0, 1], got {self.density}")
 
     @property
     def routed(self) -> bool:
-        return self.kind in ROUTED
+        return self.kind in routed_kinds()
+
+    @property
+    def merged(self) -> bool:
+        return self.kind in merge_kinds()
 
     def model_id(self) -> str:
         """The model id that names this composition (without per-request options)."""
@@ -98,8 +128,8 @@ def parse_model_id(model: str, libraries: Sequence[str], served: Sequence[str]) 
 
 
 def parse_method(library: str, method: str) -> Composition:
-    """eval's method names (``base``, ``expert:NAME``, ``uniform``, ``ties``, ``arrow``,
-    ``phatgoose``) plus ``weights:NAME=W,NAME=W``."""
+    """eval's method names (``base``, ``expert:NAME``, every merge and served router)
+    plus ``weights:NAME=W,NAME=W``."""
     kind, _, arg = method.strip().partition(":")
     if kind == "expert":
         if not arg:
@@ -114,17 +144,17 @@ def parse_method(library: str, method: str) -> Composition:
         if not pairs or any(not sep for _, sep, _ in pairs):
             raise LorashelfError(f"bad weights {arg!r}: use weights:NAME=0.7,NAME=0.3")
         return Composition(library, "weights", tuple(n for n, _, _ in pairs), weights)
-    if kind not in KINDS or arg:
+    if arg or (kind not in kinds() and kind not in NOT_SERVED):
+        known = ["expert:NAME", "weights:NAME=W,...", *merge_kinds(), *routed_kinds()]
         raise LorashelfError(
-            f"unknown method {method!r}; use base, expert:NAME, weights:NAME=W,..., "
-            f"{', '.join(MERGES + ROUTED)}"
+            f"unknown method {method!r}{did_you_mean(kind, kinds())}; use base, {', '.join(known)}"
         )
     return Composition(library, kind)
 
 
 def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Composition:
     """Apply a request's ``lorashelf`` options (method, top_k, temperature, experts,
-    weights, merge, density) to the composition its model id names."""
+    weights, merge, density, settings) to the composition its model id names."""
     if not options:
         return comp
     unknown = sorted(set(options) - set(OPTIONS) - {"return_routing"})
@@ -137,8 +167,11 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
     fields: dict[str, Any] = {}
     if options.get("merge") is not None:
         merge = _typed(options, "merge", str)
-        if merge not in MERGES:
-            raise LorashelfError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        if merge not in merge_kinds():
+            raise LorashelfError(
+                f"merge must be one of {', '.join(merge_kinds())}, got {merge!r}"
+                f"{did_you_mean(merge, merge_kinds())}"
+            )
         fields["kind"] = merge
     if options.get("experts") is not None:
         experts = options["experts"]
@@ -152,9 +185,24 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
     if options.get("weights") is not None:
         fields["kind"] = "weights"
         fields.update(_weights(options["weights"], fields.get("experts")))
-    for key, typ in (("top_k", int), ("temperature", float), ("density", float)):
+    for key, typ in (("top_k", int), ("temperature", float)):
         if options.get(key) is not None:
             fields[key] = _typed(options, key, typ)
+    settings = dict(comp.settings)
+    if options.get("settings") is not None:
+        raw = options["settings"]
+        if not isinstance(raw, dict) or not all(
+            isinstance(v, (str, int, float, bool)) for v in raw.values()
+        ):
+            raise LorashelfError(
+                "lorashelf.settings must map option names to numbers, strings or booleans: "
+                '{"density": 0.3}'
+            )
+        settings.update(raw)
+    if options.get("density") is not None:  # the common one, as LoRAX names it
+        settings["density"] = _typed(options, "density", float)
+    if settings:
+        fields["settings"] = tuple(sorted(settings.items()))
     if fields.get("kind", comp.kind) == "expert" and "experts" in fields:
         raise LorashelfError(
             "lorashelf.experts applies to merges, weights and routing, not one expert"

@@ -47,7 +47,13 @@ def _hf_greedy(model, tokenizer, prompt, n):
     return out[0, ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("method", ["base", "expert:beta", "uniform", "ties", "arrow"])
+def _served_methods():
+    from lorashelf.serve.compositions import merge_kinds
+
+    return ["base", "expert:beta", *merge_kinds(), "arrow"]  # every registered merge
+
+
+@pytest.mark.parametrize("method", _served_methods())
 def test_matches_eval_methods(served, serve_kit, tiny_model, tiny_tokenizer, method):
     """Independent reference: eval's prepare() on a fresh model + transformers' generate."""
     from lorashelf.serve.compositions import parse_method
@@ -219,3 +225,37 @@ def test_fp32_lora_on_a_bf16_model_matches_peft(tiny_library, tiny_model, tiny_t
         gaps[lora_dtype] = float((got - ref).abs().max())
     assert gaps[torch.float32] < 1e-4
     assert gaps[None] > gaps[torch.float32]
+
+
+@pytest.mark.parametrize("method,settings", [("dare-ties", {"density": 0.7, "dare_seed": 3}),
+                                             ("core-space", {"core_merge": "task-arithmetic"})])  # fmt: skip
+def test_merge_settings_match_eval_set(served, serve_kit, tiny_model, tiny_tokenizer, method,
+                                       settings):  # fmt: skip
+    """A request's ``lorashelf.settings`` are the merge's options, as ``eval --set``."""
+    from lorashelf.serve.compositions import parse_method, with_options
+
+    comp = with_options(parse_method("lib", method), {"settings": settings})
+    (ours,) = serve_kit.complete(served.engine, [(PROMPTS[0], comp, SamplingParams(max_tokens=6))])
+    (default,) = serve_kit.complete(served.engine, [(PROMPTS[0], parse_method("lib", method),
+                                                     SamplingParams(max_tokens=6))])  # fmt: skip
+    prepared = prepare(method, copy.deepcopy(tiny_model), MethodContext(served.library), settings)
+    try:
+        assert serve_kit.tokens(ours) == _hf_greedy(prepared.model, tiny_tokenizer, PROMPTS[0], 6)
+    finally:
+        prepared.close()
+    assert serve_kit.tokens(ours) != serve_kit.tokens(default) or method == "core-space"
+
+
+def test_bad_settings_and_unserved_routers_are_refused(served, serve_kit):
+    from lorashelf.errors import LorashelfError
+    from lorashelf.serve.compositions import parse_method, with_options
+
+    (events,) = serve_kit.complete(served.engine, [(PROMPTS[0], with_options(
+        parse_method("lib", "ties"), {"settings": {"densty": 0.5}}), GREEDY)])  # fmt: skip
+    assert events[-1].kind == "error" and events[-1].status == 400
+    assert "did you mean: density" in events[-1].text
+    with pytest.raises(LorashelfError, match="retrieval routing is not served"):
+        parse_method("lib", "retrieval")
+    (gks,) = serve_kit.complete(served.engine, [(PROMPTS[0], with_options(
+        parse_method("lib", "arrow"), {"settings": {"gks": "peft"}}), GREEDY)])  # fmt: skip
+    assert gks[-1].kind == "error" and "GenKnowSub" in gks[-1].text
