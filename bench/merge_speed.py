@@ -9,9 +9,18 @@ dense implementation: every expert's full task vector stacked in one [E, N] arra
 a fresh process reporting wall time and peak RSS; both merges must agree. Also timed:
 uniform and uniform-delta on the same experts. Then one row per newer merge, each against
 a dense reference written here (every delta built, the whole model's [E, N] stack for
-DARE-TIES, plain SVDs for Core Space, autograd on the dense objective for WUDI, whose
-steps ``--wudi-steps`` sets): dare-ties, core-space (TIES on the cores) and wudi; each
-pair must agree. ``--model random:CONFIG`` takes the
+DARE-TIES, autograd on the dense objective for WUDI, whose steps ``--wudi-steps`` sets):
+dare-ties, core-space (TIES on the cores), core-space-ta (task arithmetic on the cores)
+and wudi; each pair must agree. Core Space's TIES depends on the basis: its trim and sign
+election are discontinuous, and at 20 rank-4 experts the stacked factors' singular
+values come within 2e-4 of each other, so two correct routes to "the" SVD basis (QR +
+small SVD, or a full SVD) differ by ~4e-4 there and flip a few decisions. Its dense
+reference therefore takes the same basis (``core_basis``, computed the same way) and
+applies the paper's definition densely from there: cores ``U^T delta V`` of the dense
+deltas, a global [E, N] TIES with ``kthvalue``, ``U M V^T``. Task arithmetic in core
+space is basis-invariant, so core-space-ta is checked against the plain dense sum
+(tests/merge/test_core_space.py checks TIES against an independent float64 SVD basis
+on small, well-conditioned shapes). ``--model random:CONFIG`` takes the
 shapes of another configuration (bench/_common.py); ``--device cuda`` keeps the experts
 and both merges on the GPU, and memory is then the peak of allocated device memory.
 
@@ -128,16 +137,14 @@ def _split(flat: torch.Tensor, experts, names) -> dict[str, torch.Tensor]:
 
 
 def dense_core_space(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
-    """Plain SVDs of the stacked factors, cores from the dense deltas, global TIES."""
+    """In the same bases as lorashelf's (see the module docstring): cores from the dense
+    deltas, a global TIES on the whole [E, N] stack of cores, dense back-projection."""
+    from lorashelf.merge.core_space import core_basis
+
     names, bases, cores = sorted(experts[0]), {}, []
     for m in names:
-        A = torch.cat([f[m].A for f in experts])
-        B = torch.cat([f[m].scale * f[m].B for f in experts], 1)
-        U, V = (
-            torch.linalg.svd(B, full_matrices=False).U,
-            torch.linalg.svd(A, full_matrices=False).Vh.T,
-        )
-        bases[m] = (U, V)
+        basis = core_basis([f[m] for f in experts], experts[0][m].A.device)
+        U, V = bases[m] = basis.U, basis.V
         cores.append((U.T @ _deltas(experts, m) @ V).flatten(1))
     vectors = torch.cat(cores, 1)
     n = vectors.shape[1]
@@ -151,6 +158,11 @@ def dense_core_space(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
         out[m] = U @ merged[at : at + size].view(U.shape[1], V.shape[1]) @ V.T
         at += size
     return out
+
+
+def dense_sum(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """Task arithmetic (lambda 1): the plain sum of the dense deltas."""
+    return {m: _deltas(experts, m).sum(0) for m in sorted(experts[0])}
 
 
 def dense_wudi(experts: list[dict[str, _F]], steps: int) -> dict[str, torch.Tensor]:
@@ -176,14 +188,16 @@ def newer_merge(kind: str, experts, wudi_steps: int) -> dict[str, torch.Tensor]:
     configs = {
         "dare-ties": {"density": DENSITY},
         "core-space": {"density": DENSITY},
+        "core-space-ta": {"core_merge": "task-arithmetic"},
         "wudi": {"steps": wudi_steps},
     }
-    merged = merge(experts, kind, configs[kind])
+    merged = merge(experts, kind.removesuffix("-ta"), configs[kind])
     return {m: merged.delta(m) for m in merged.names()}
 
 
-NEWER = ("dare-ties", "core-space", "wudi")
-DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space}
+NEWER = ("dare-ties", "core-space", "core-space-ta", "wudi")
+DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space,
+            "core-space-ta": dense_sum}  # fmt: skip
 
 
 def peak_mb(device: str) -> float:

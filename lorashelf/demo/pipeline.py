@@ -56,10 +56,10 @@ FEWSHOT_NAMES = {"lorahub": "LoraHub", "gradient": "gradient", "cat": "CAT", "ic
                  "lora": "LoRA on the shots"}  # fmt: skip
 
 
-def more_methods() -> list[tuple[str, str]]:
+def more_methods(suite: Suite) -> list[tuple[str, str]]:
     """(label, method) of every registered merge and router that :data:`EVALS` leaves
     out on the private library, then :data:`BASELINES`: a new method joins the demo the
-    day its registry line is added."""
+    day its registry line is added. A suite may keep only some (``more_methods``)."""
     from lorashelf.merge.registry import MERGES
     from lorashelf.route.registry import ROUTERS
 
@@ -69,14 +69,19 @@ def more_methods() -> list[tuple[str, str]]:
         if name not in done:
             opts = ", ".join(f"{k} {v}" for k, v in CHEAP.get(name, {}).items())
             out.append((f"private + {name}" + (f" ({opts})" if opts else ""), name))
-    return out + list(BASELINES)
+    out += BASELINES
+    keep = suite.more_methods
+    return out if keep is None else [(label, m) for label, m in out if m in keep]
 
 
-def fewshot_methods() -> list[str]:
-    """Every few-shot method of ``fewshot`` that uses the shots (zero-shot is ``base``)."""
+def fewshot_methods(suite: Suite) -> list[str]:
+    """Every few-shot method of ``fewshot`` that uses the shots (zero-shot is ``base``),
+    or the suite's ``fewshot_methods``."""
     from lorashelf.compose.registry import FEWSHOT_METHODS
 
-    return [n for n in FEWSHOT_METHODS.names() if n != "zero-shot"]
+    names = [n for n in FEWSHOT_METHODS.names() if n != "zero-shot"]
+    keep = suite.fewshot_methods
+    return names if keep is None else [n for n in names if n in keep]
 
 
 @dataclass
@@ -162,9 +167,13 @@ class Demo:
     def evaluate_more(self) -> None:
         """The methods of :func:`more_methods` without a results file, in one ``eval``
         whose JSON is then split into one file per method (so each resumes alone)."""
-        todo = [(label, m) for label, m in more_methods() if not self.results_file(label).exists()]
+        todo = [
+            (label, m)
+            for label, m in more_methods(self.suite)
+            if not self.results_file(label).exists()
+        ]
         if not todo:
-            self.console.print("[dim]every other method: results exist, skipped[/dim]")
+            self.console.print("[dim]every other method: results exist (or none), skipped[/dim]")
             return
         both = self.out / "results" / "more.json"
         sets = [f"{k}={v}" for _, m in todo for k, v in CHEAP.get(m, {}).items()]
@@ -178,14 +187,13 @@ class Demo:
         both.unlink()
 
     def fewshot(self) -> None:
-        out = self.results_file("fewshot")
-        if out.exists():
-            self.console.print("[dim]few-shot: results exist, skipped[/dim]")
+        out, s = self.results_file("fewshot"), self.suite
+        if out.exists() or not fewshot_methods(s):
+            self.console.print("[dim]few-shot: results exist (or none), skipped[/dim]")
             return
-        s = self.suite
         self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(s.heldout),
                        "--shots", str(s.shots), "--seeds", str(s.seeds), "--limit", str(s.eval_limit),
-                       "--methods", ",".join(fewshot_methods()), "--budget", str(s.lorahub_budget),
+                       "--methods", ",".join(fewshot_methods(s)), "--budget", str(s.lorahub_budget),
                        "--lora-steps", str(s.lorahub_budget), "--json", out)  # fmt: skip
 
     def run(self) -> None:

@@ -23,7 +23,7 @@ def collect_rows(demo: Demo) -> list[Row]:
     """Every result the stages wrote, in the report's order: the methods of Ostapenko et
     al., every other merge and router, the best-expert baselines, the few-shot methods."""
     planned = [(label, lib, m) for label, lib, m in EVALS]
-    planned += [(label, "private", m) for label, m in more_methods()]
+    planned += [(label, "private", m) for label, m in more_methods(demo.suite)]
     rows = []
     for label, lib, method in planned:
         path = demo.results_file(label)
@@ -34,7 +34,7 @@ def collect_rows(demo: Demo) -> list[Row]:
     if path.exists():
         entries = {e.get("method"): e for e in json.loads(path.read_text()).get("methods", [])}
         s = demo.suite
-        for name in fewshot_methods():
+        for name in fewshot_methods(demo.suite):
             if name in entries:
                 label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot (mean of {s.seeds} seeds)"
                 result = result_from_json(entries[name], method=label)

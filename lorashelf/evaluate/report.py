@@ -91,10 +91,14 @@ def _html_table(rows: list[list[str]]) -> str:
 
 def _sections(report: Report) -> list[Section]:
     head = [
-        Section("Accuracy (held-out tasks)",
-                table=metric_table(report.results, "accuracy", report.methods_in_rows)),
-        Section("Gold NLL per token (lower is better)",
-                table=metric_table(report.results, "nll", report.methods_in_rows)),
+        Section(
+            "Accuracy (held-out tasks)",
+            table=metric_table(report.results, "accuracy", report.methods_in_rows),
+        ),
+        Section(
+            "Gold NLL per token (lower is better)",
+            table=metric_table(report.results, "nll", report.methods_in_rows),
+        ),
     ]
     intervals = interval_table(report.results, baseline="base")
     if intervals:
