@@ -60,7 +60,11 @@ def _short(task: str) -> str:
 
 def sentence(row: Row, base: EvalResult | None, upper: EvalResult | None) -> str:
     """``label: what it does. What it did here against base and the upper bound.``"""
-    head = f"{row.label}: {describe(row.spec, row.library)}."
+    desc = describe(row.spec, row.library)
+    name, _, rest = desc.partition(":")
+    if rest and name.lower() in row.label.lower():  # "PHATGOOSE: PHATGOOSE: ..." reads twice
+        desc = rest.strip()
+    head = f"{row.label}: {desc}."
     r = row.result
     if base is None or row.spec == "base":
         return head
@@ -77,7 +81,13 @@ def sentence(row: Row, base: EvalResult | None, upper: EvalResult | None) -> str
     )
     if upper is not None and upper is not r and base.mean_nll > upper.mean_nll:
         closed = (base.mean_nll - r.mean_nll) / (base.mean_nll - upper.mean_nll)
-        text += f"; it closes {closed:.0%} of the NLL gap from base to the best single expert"
+        if closed > 1.0:
+            text += (
+                f"; its mean NLL beats even the best single expert chosen on test "
+                f"({upper.mean_nll:.3f})"
+            )
+        else:
+            text += f"; it closes {closed:.0%} of the NLL gap from base to the best single expert"
     missed = [t for t in tasks if t not in nll_wins]
     if missed and len(missed) < n:
         text += f"; it does not help on {', '.join(_short(t) for t in missed)}"
