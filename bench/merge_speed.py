@@ -9,9 +9,21 @@ dense implementation: every expert's full task vector stacked in one [E, N] arra
 a fresh process reporting wall time and peak RSS; both merges must agree. Also timed:
 uniform and uniform-delta on the same experts. Then one row per newer merge, each against
 a dense reference written here (every delta built, the whole model's [E, N] stack for
-DARE-TIES, plain SVDs for Core Space, autograd on the dense objective for WUDI, whose
-steps ``--wudi-steps`` sets): dare-ties, core-space (TIES on the cores) and wudi; each
-pair must agree. ``--model random:CONFIG`` takes the
+DARE-TIES, autograd on the dense objective for WUDI, whose steps ``--wudi-steps`` sets):
+dare-ties, core-space (TIES on the cores), core-space-ta (task arithmetic on the cores),
+knots and knots-ta (the same two on KnOTS's V blocks) and wudi; each pair must agree. Core Space's TIES depends on the basis: its trim and sign
+election are discontinuous, and at 20 rank-4 experts the stacked factors' singular
+values come within 2e-4 of each other, so two correct routes to "the" SVD basis (QR +
+small SVD, or a full SVD) differ by ~4e-4 there and flip a few decisions. Its dense
+reference therefore takes the same basis (``core_basis``, computed the same way) and
+applies the paper's definition densely from there: cores ``U^T delta V`` of the dense
+deltas, a global [E, N] TIES with ``kthvalue``, ``U M V^T``. Task arithmetic in core
+space is basis-invariant, so core-space-ta is checked against the plain dense sum
+(tests/merge/test_core_space.py checks TIES against an independent float64 SVD basis
+on small, well-conditioned shapes). KnOTS is checked the same two ways, its dense
+reference on the blocks of lorashelf's joint SVD (``dense_knots`` says why the blocks
+are shared too; tests/merge/test_knots.py checks it against an independent dense SVD
+on small shapes). ``--model random:CONFIG`` takes the
 shapes of another configuration (bench/_common.py); ``--device cuda`` keeps the experts
 and both merges on the GPU, and memory is then the peak of allocated device memory.
 
@@ -128,22 +140,16 @@ def _split(flat: torch.Tensor, experts, names) -> dict[str, torch.Tensor]:
 
 
 def dense_core_space(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
-    """Plain SVDs of the stacked factors, cores from the dense deltas, global TIES."""
+    """In the same bases as lorashelf's (see the module docstring): cores from the dense
+    deltas, a global TIES on the whole [E, N] stack of cores, dense back-projection."""
+    from lorashelf.merge.core_space import core_basis
+
     names, bases, cores = sorted(experts[0]), {}, []
     for m in names:
-        A = torch.cat([f[m].A for f in experts])
-        B = torch.cat([f[m].scale * f[m].B for f in experts], 1)
-        U, V = (
-            torch.linalg.svd(B, full_matrices=False).U,
-            torch.linalg.svd(A, full_matrices=False).Vh.T,
-        )
-        bases[m] = (U, V)
+        basis = core_basis([f[m] for f in experts], experts[0][m].A.device)
+        U, V = bases[m] = basis.U, basis.V
         cores.append((U.T @ _deltas(experts, m) @ V).flatten(1))
-    vectors = torch.cat(cores, 1)
-    n = vectors.shape[1]
-    k = min(n, max(1, round(DENSITY * n)))
-    thr = vectors.abs().kthvalue(n - k + 1, dim=1).values
-    merged = _elect_mean(torch.where(vectors.abs() >= thr[:, None], vectors, 0.0))
+    merged = _dense_global_ties(torch.cat(cores, 1))
     out, at = {}, 0
     for m in names:
         U, V = bases[m]
@@ -151,6 +157,41 @@ def dense_core_space(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
         out[m] = U @ merged[at : at + size].view(U.shape[1], V.shape[1]) @ V.T
         at += size
     return out
+
+
+def _dense_global_ties(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` [E, N]: each row trimmed to its top-DENSITY |values| (kthvalue), elect, mean."""
+    n = vectors.shape[1]
+    k = min(n, max(1, round(DENSITY * n)))
+    thr = vectors.abs().kthvalue(n - k + 1, dim=1).values
+    return _elect_mean(torch.where(vectors.abs() >= thr[:, None], vectors, 0.0))
+
+
+def dense_knots(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """lorashelf's joint SVD (``U S`` and each expert's ``V_t^T`` block), then a global
+    TIES on the whole [E, N] stack of blocks and ``U S V_merged^T`` densely. The blocks
+    are shared too: ``S^-1 U^T dW_t`` from the dense deltas agrees with them to 1e-7, but
+    at 20 experts a block holds ~90k entries per expert whose order statistics near the
+    TIES threshold are ~7e-7 apart, so that rounding moves a few entries across it, and
+    each moved entry shifts the update by up to ``S_j`` times its size (0.1 here)."""
+    from lorashelf.merge.knots import align
+
+    names, bases, blocks = sorted(experts[0]), {}, []
+    for m in names:
+        a = align([f[m] for f in experts], experts[0][m].A.device)
+        bases[m] = a.US
+        blocks.append(torch.stack(a.blocks).flatten(1))
+    merged, out, at = _dense_global_ties(torch.cat(blocks, 1)), {}, 0
+    for m in names:
+        size = bases[m].shape[1] * SHAPE["hidden"]
+        out[m] = bases[m] @ merged[at : at + size].view(bases[m].shape[1], SHAPE["hidden"])
+        at += size
+    return out
+
+
+def dense_sum(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """Task arithmetic (lambda 1): the plain sum of the dense deltas."""
+    return {m: _deltas(experts, m).sum(0) for m in sorted(experts[0])}
 
 
 def dense_wudi(experts: list[dict[str, _F]], steps: int) -> dict[str, torch.Tensor]:
@@ -176,14 +217,18 @@ def newer_merge(kind: str, experts, wudi_steps: int) -> dict[str, torch.Tensor]:
     configs = {
         "dare-ties": {"density": DENSITY},
         "core-space": {"density": DENSITY},
+        "core-space-ta": {"core_merge": "task-arithmetic"},
+        "knots": {"density": DENSITY},
+        "knots-ta": {"merge_on": "task-arithmetic"},
         "wudi": {"steps": wudi_steps},
     }
-    merged = merge(experts, kind, configs[kind])
+    merged = merge(experts, kind.removesuffix("-ta"), configs[kind])
     return {m: merged.delta(m) for m in merged.names()}
 
 
-NEWER = ("dare-ties", "core-space", "wudi")
-DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space}
+NEWER = ("dare-ties", "core-space", "core-space-ta", "knots", "knots-ta", "wudi")
+DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space,
+            "core-space-ta": dense_sum, "knots": dense_knots, "knots-ta": dense_sum}  # fmt: skip
 
 
 def peak_mb(device: str) -> float:

@@ -19,7 +19,7 @@ from lorashelf.cli.convention import add_json_arg, emit_json
 from lorashelf.errors import LorashelfError
 
 RICH_MAX_ROWS = 300
-LS_COLUMNS = ("name", "tasks", "rank", "modules", "source", "created")
+LS_COLUMNS = ("name", "tasks", "rank", "modules", "source", "derived", "created")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -151,10 +151,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from lorashelf.library import Library
+    from lorashelf.library.artefacts import summary
 
     lib = Library.open(args.dir)
-    rows = [_ls_row(e) for e in lib.filter(task=args.task, source=args.source)]
-    if emit_json(args, [_ls_json(e) for e in lib.filter(task=args.task, source=args.source)]):
+    experts = lib.filter(task=args.task, source=args.source)
+    derived = {n: summary(a) for n, a in _artefacts(lib, experts).items()}
+    rows = [_ls_row(e, derived.get(e.name, {})) for e in experts]
+    if emit_json(args, [_ls_json(e, derived.get(e.name, {})) for e in experts]):
         pass
     elif not rows:
         print(f"no experts in {args.dir}" + (" match" if args.task or args.source else ""))
@@ -169,11 +172,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from lorashelf.library import Library
 
-    expert = Library.open(args.dir).get(args.name)
-    doc = {"path": str(expert.path), **expert.card, "adapter_config": expert.peft_config}
+    lib = Library.open(args.dir)
+    expert = lib.get(args.name)
+    artefacts = _artefacts(lib, [expert]).get(expert.name, [])
+    doc = {"path": str(expert.path), **expert.card, "adapter_config": expert.peft_config,
+           "derived": [a.to_json() for a in artefacts]}  # fmt: skip
     if emit_json(args, doc):
         return 0
     for key, value in doc.items():
+        if key == "derived":
+            continue
         text = value if isinstance(value, str) else json.dumps(value)
         if key == "adapter_config":
             keep = (
@@ -186,7 +194,35 @@ def cmd_show(args: argparse.Namespace) -> int:
             )  # noqa: E501
             text = json.dumps({k: value.get(k) for k in keep})
         print(f"{key:>17}: {text}")
+    _print_derived(artefacts)
     return 0
+
+
+def _artefacts(lib: Any, experts: list[Any]) -> dict[str, list[Any]]:
+    """Each expert's derived artefacts (prototypes, gates, embeddings), from file names
+    and sidecars: no tensor is read."""
+    from lorashelf.library.artefacts import expert_artefacts
+
+    sums = {e.name: e.files.get("adapter_model.safetensors", "") for e in experts}
+    return expert_artefacts(lib.path, sums)
+
+
+def _print_derived(artefacts: list[Any]) -> None:
+    if not artefacts:
+        print(f"{'derived':>17}: none (Arrow prototypes, PHATGOOSE gates and retrieval "
+              "embeddings appear here once a method has computed them)")  # fmt: skip
+        return
+    print(f"{'derived':>17}: {len(artefacts)} artefact(s); `library verify` checks their tensors")
+    width = max(len(a.label) for a in artefacts)
+    for a in artefacts:
+        why = "" if a.status == "ok" else f" (made for adapter {a.adapter_sha256[:12]}...)"
+        print(f"{'':>19}{a.label:<{width}}  {a.file}  {_size(a.bytes)}  {a.status}{why}")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -222,25 +258,32 @@ def _rank(expert: Any) -> str:
     return str(expert.rank) if expert.rank is not None else "mixed"
 
 
-def _ls_json(expert: Any) -> dict[str, Any]:
-    """One expert for ``ls --json``, in JSON types (rank: an int, or null when mixed)."""
+def _ls_json(expert: Any, derived: dict[str, str]) -> dict[str, Any]:
+    """One expert for ``ls --json``, in JSON types (rank: an int, or null when mixed;
+    derived: ``{"arrow": "ok", "phatgoose": "stale"}``)."""
     return {
         "name": expert.name,
         "tasks": list(expert.tasks),
         "rank": expert.rank,
         "modules": list(expert.target_modules),
         "source": expert.source,
+        "derived": derived,
         "created": expert.created,
     }
 
 
-def _ls_row(expert: Any) -> dict[str, Any]:
+def _derived_cell(derived: dict[str, str]) -> str:
+    return ",".join(k if v == "ok" else f"{k}({v})" for k, v in sorted(derived.items()))
+
+
+def _ls_row(expert: Any, derived: dict[str, str]) -> dict[str, Any]:
     return {
         "name": expert.name,
         "tasks": ",".join(expert.tasks),
         "rank": _rank(expert),
         "modules": ",".join(expert.target_modules),
         "source": expert.source or "",
+        "derived": _derived_cell(derived),
         "created": expert.created or "",
     }
 
@@ -250,7 +293,8 @@ def _print_rich(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    min_widths = {"name": 16, "tasks": 10, "rank": 4, "modules": 8, "source": 6, "created": 10}
+    min_widths = {"name": 16, "tasks": 10, "rank": 4, "modules": 8, "source": 6, "derived": 7,
+                  "created": 10}  # fmt: skip
     for col in LS_COLUMNS:
         table.add_column(col, overflow="fold", min_width=min_widths[col])
     for row in rows:

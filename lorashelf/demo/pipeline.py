@@ -9,13 +9,17 @@ whose results file exists is not run again. Stages:
 2. train the private library (one expert per training task) and the shared expert;
 3. cluster the private library with MBC and train the cluster library;
 4. train PHATGOOSE gates for the private experts;
-5. evaluate every method on the held-out tasks (and LoraHub few-shot over seeds);
-6. write ``report.md`` and ``report.html``.
+5. evaluate the methods of Ostapenko et al. on the held-out tasks;
+6. evaluate every other registered merge and router on the private library, with the
+   best-single-expert baselines, in one ``eval`` (one model load);
+7. few-shot: LoraHub and every other few-shot method of ``fewshot``, over seeds;
+8. write ``report.md`` and ``report.html``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from collections.abc import Callable
@@ -39,6 +43,45 @@ EVALS = (
     ("oracle", "private", "oracle"),
     ("PHATGOOSE", "private", "phatgoose"),
 )
+# the best single expert: chosen on the test examples (an upper bound), or on 5 shots
+BASELINES = (
+    ("best expert (chosen on test: upper bound)", "best-expert:test"),
+    ("best expert (chosen on 5 shots)", "best-expert:shots"),
+)
+# WUDI's authors take 300 Adam steps at lr 1e-5 per module: about 2 minutes for 8
+# SmolLM2 experts on this CPU, longer than every other merge together. The demo takes
+# 30 steps at lr 1e-4 (the same largest move per entry, 3e-3) and says so in the label.
+CHEAP = {"wudi": {"steps": 30, "lr": 1e-4}}
+FEWSHOT_NAMES = {"lorahub": "LoraHub", "gradient": "gradient", "cat": "CAT", "icl": "ICL",
+                 "lora": "LoRA on the shots"}  # fmt: skip
+
+
+def more_methods(suite: Suite) -> list[tuple[str, str]]:
+    """(label, method) of every registered merge and router that :data:`EVALS` leaves
+    out on the private library, then :data:`BASELINES`: a new method joins the demo the
+    day its registry line is added. A suite may keep only some (``more_methods``)."""
+    from lorashelf.merge.registry import MERGES
+    from lorashelf.route.registry import ROUTERS
+
+    done = {m for _, lib, m in EVALS if lib == "private"}
+    out = []
+    for name in [*MERGES.names(), *ROUTERS.names()]:
+        if name not in done:
+            opts = ", ".join(f"{k} {v}" for k, v in CHEAP.get(name, {}).items())
+            out.append((f"private + {name}" + (f" ({opts})" if opts else ""), name))
+    out += BASELINES
+    keep = suite.more_methods
+    return out if keep is None else [(label, m) for label, m in out if m in keep]
+
+
+def fewshot_methods(suite: Suite) -> list[str]:
+    """Every few-shot method of ``fewshot`` that uses the shots (zero-shot is ``base``),
+    or the suite's ``fewshot_methods``."""
+    from lorashelf.compose.registry import FEWSHOT_METHODS
+
+    names = [n for n in FEWSHOT_METHODS.names() if n != "zero-shot"]
+    keep = suite.fewshot_methods
+    return names if keep is None else [n for n in names if n in keep]
 
 
 @dataclass
@@ -100,7 +143,7 @@ class Demo:
                        "--max-length", str(self.suite.max_length))  # fmt: skip
 
     def results_file(self, label: str) -> Path:
-        slug = label.lower().replace(" + ", "-").replace(" ", "-")
+        slug = re.sub(r"[^a-z0-9.+-]+", "-", label.lower().replace(" + ", "-")).strip("-")
         return self.out / "results" / f"{slug}.json"
 
     def evaluate(self) -> None:
@@ -121,15 +164,37 @@ class Demo:
                 argv += ["--routing-report", self.out / f"routing-{lib}.json"]
             self.lorashelf(*argv)
 
-    def fewshot(self) -> None:
-        out = self.results_file("lorahub")
-        if out.exists():
-            self.console.print("[dim]LoraHub: results exist, skipped[/dim]")
+    def evaluate_more(self) -> None:
+        """The methods of :func:`more_methods` without a results file, in one ``eval``
+        whose JSON is then split into one file per method (so each resumes alone)."""
+        todo = [
+            (label, m)
+            for label, m in more_methods(self.suite)
+            if not self.results_file(label).exists()
+        ]
+        if not todo:
+            self.console.print("[dim]every other method: results exist (or none), skipped[/dim]")
             return
-        self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(self.suite.heldout),
-                       "--shots", str(self.suite.shots), "--seeds", str(self.suite.seeds),
-                       "--limit", str(self.suite.eval_limit), "--methods", "lorahub",
-                       "--budget", str(self.suite.lorahub_budget), "--json", out)  # fmt: skip
+        both = self.out / "results" / "more.json"
+        sets = [f"{k}={v}" for _, m in todo for k, v in CHEAP.get(m, {}).items()]
+        self.lorashelf("eval", self.out / "private", "--tasks", ",".join(self.suite.heldout),
+                       "--limit", str(self.suite.eval_limit), "--method", ",".join(m for _, m in todo),
+                       *[a for kv in sets for a in ("--set", kv)], "--json", both)  # fmt: skip
+        data = json.loads(both.read_text())
+        entries = {e["method"]: e for e in (data["methods"] if "methods" in data else [data])}
+        for label, method in todo:
+            self.results_file(label).write_text(json.dumps(entries[method], indent=2))
+        both.unlink()
+
+    def fewshot(self) -> None:
+        out, s = self.results_file("fewshot"), self.suite
+        if out.exists() or not fewshot_methods(s):
+            self.console.print("[dim]few-shot: results exist (or none), skipped[/dim]")
+            return
+        self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(s.heldout),
+                       "--shots", str(s.shots), "--seeds", str(s.seeds), "--limit", str(s.eval_limit),
+                       "--methods", ",".join(fewshot_methods(s)), "--budget", str(s.lorahub_budget),
+                       "--lora-steps", str(s.lorahub_budget), "--json", out)  # fmt: skip
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +203,8 @@ class Demo:
         self.stage("cluster (MBC) and train cluster experts", self.cluster)
         self.stage("train PHATGOOSE gates", self.gates)
         self.stage("evaluate on held-out tasks", self.evaluate)
-        self.stage("LoraHub few-shot", self.fewshot)
+        self.stage("every other merge and router, best single expert", self.evaluate_more)
+        self.stage("few-shot methods", self.fewshot)
         self.console.print(
             f"serve what it built: lorashelf serve {self.out / 'private'} {self.out / 'mbc'}"
             "  (then open http://127.0.0.1:8000/)"

@@ -11,31 +11,39 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from lorashelf.demo.pipeline import EVALS, Demo
+from lorashelf.demo.pipeline import EVALS, FEWSHOT_NAMES, Demo, fewshot_methods, more_methods
+from lorashelf.demo.sentences import Row, methods_text
 from lorashelf.evaluate.plots import loss_curves, method_bars, weight_heatmap
 from lorashelf.evaluate.report import Report, Section, write_report
 from lorashelf.evaluate.runner import EvalResult, result_from_json
 from lorashelf.library import Library
 
 
-def collect_results(demo: Demo) -> list[EvalResult]:
-    results = []
-    for label, _, _ in EVALS:
+def collect_rows(demo: Demo) -> list[Row]:
+    """Every result the stages wrote, in the report's order: the methods of Ostapenko et
+    al., every other merge and router, the best-expert baselines, the few-shot methods."""
+    planned = [(label, lib, m) for label, lib, m in EVALS]
+    planned += [(label, "private", m) for label, m in more_methods(demo.suite)]
+    rows = []
+    for label, lib, method in planned:
         path = demo.results_file(label)
         if path.exists():
-            results.append(result_from_json(json.loads(path.read_text()), method=label))
-    path = demo.results_file("lorahub")
+            result = result_from_json(json.loads(path.read_text()), method=label)
+            rows.append(Row(label, method, lib, result))
+    path = demo.results_file("fewshot")
     if path.exists():
-        data = json.loads(path.read_text())
-        for entry in data.get("methods", []):
-            if entry.get("method") == "lorahub":
-                results.append(
-                    result_from_json(
-                        entry,
-                        method=f"LoraHub {demo.suite.shots}-shot (mean of {demo.suite.seeds} seeds)",
-                    )
-                )
-    return results
+        entries = {e.get("method"): e for e in json.loads(path.read_text()).get("methods", [])}
+        s = demo.suite
+        for name in fewshot_methods(demo.suite):
+            if name in entries:
+                label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot (mean of {s.seeds} seeds)"
+                result = result_from_json(entries[name], method=label)
+                rows.append(Row(label, f"fewshot:{name}", "private", result))
+    return rows
+
+
+def collect_results(demo: Demo) -> list[EvalResult]:
+    return [row.result for row in collect_rows(demo)]
 
 
 def _curves(lib_dir: Path) -> dict[str, list[float]]:
@@ -62,7 +70,7 @@ def _cluster_text(demo: Demo) -> str:
 
 
 def _lorahub_weights(demo: Demo) -> tuple[list[str], list[str], list[list[float]]] | None:
-    path = demo.results_file("lorahub")
+    path = demo.results_file("fewshot")
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text())
@@ -75,11 +83,13 @@ def _lorahub_weights(demo: Demo) -> tuple[list[str], list[str], list[list[float]
 
 
 def build_report(demo: Demo, command: str, versions: dict[str, str]) -> tuple[Path, Path]:
-    results = collect_results(demo)
+    rows = collect_rows(demo)
+    results = [row.result for row in rows]
     fig = demo.out / "figures"
     fig.mkdir(exist_ok=True)
     sections = [
-        Section("Averages over held-out tasks", image=method_bars(results, fig / "methods.png"))
+        Section("Methods", text=methods_text(rows, demo.suite.eval_limit)),
+        Section("Averages over held-out tasks", image=method_bars(results, fig / "methods.png")),
     ]
     curves = {
         **_curves(demo.out / "private"),
@@ -118,5 +128,6 @@ def build_report(demo: Demo, command: str, versions: dict[str, str]) -> tuple[Pa
         f"Machine: {platform.processor() or platform.machine()}, accuracy and gold NLL from this run."
     )
     report = Report(title="lorashelf demo report", intro=intro, results=results, sections=sections,
-                    command=command, versions=versions, timings=demo.timings)  # fmt: skip
+                    command=command, versions=versions, timings=demo.timings,
+                    methods_in_rows=True)  # fmt: skip
     return write_report(report, demo.out)

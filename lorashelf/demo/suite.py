@@ -33,6 +33,10 @@ class Suite:
     shots: int = 5
     seeds: int = 3
     lorahub_budget: int = 40
+    # the methods beyond Ostapenko et al.'s on the private library, and the few-shot
+    # methods: None runs every registered one; a list keeps a small suite fast
+    more_methods: tuple[str, ...] | None = None
+    fewshot_methods: tuple[str, ...] | None = None
 
     @property
     def bigbench_names(self) -> list[str]:
@@ -62,6 +66,9 @@ def load_suite(name_or_path: str) -> Suite:
             resources.files("lorashelf.suites").joinpath(f"{name_or_path}.json").read_text()
         )
     data["train"] = tuple(data["train"])
+    for key in ("more_methods", "fewshot_methods"):
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
     suite = Suite(**data)
     overlap = set(suite.train) & set(suite.heldout)
     if overlap:
@@ -71,4 +78,21 @@ def load_suite(name_or_path: str) -> Suite:
     missing = [s for s in suite.heldout.values() if s not in suite.train]
     if missing:
         raise LorashelfError(f"suite {suite.name}: sibling tasks not in training: {missing}")
+    _check_methods(suite)
     return suite
+
+
+def _check_methods(suite: Suite) -> None:
+    """A suite's method lists name registered methods (checked before anything runs)."""
+    from lorashelf.compose.registry import FEWSHOT_METHODS
+    from lorashelf.merge.registry import MERGES
+    from lorashelf.route.registry import ROUTERS
+
+    zero_shot = [*MERGES.names(), *ROUTERS.names(), "best-expert:test", "best-expert:shots"]
+    for key, known in (("more_methods", zero_shot), ("fewshot_methods", FEWSHOT_METHODS.names())):
+        for name in getattr(suite, key) or ():
+            if name not in known:
+                raise LorashelfError(
+                    f"suite {suite.name}: unknown method {name!r} in {key}"
+                    f"{did_you_mean(name, known)}; known: {', '.join(known)}"
+                )

@@ -2,7 +2,9 @@
 ``report.html`` (images embedded as base64) from evaluation results and figures.
 
 Tables put tasks in rows and methods in columns, one table per metric, with the best
-value of each row in bold (highest accuracy, lowest gold NLL), and a mean row.
+value of each row in bold (highest accuracy, lowest gold NLL), and a mean row; with
+``methods_in_rows`` (many methods, few tasks, as in the demo) methods are the rows,
+tasks and the mean the columns, and the best of each column is in bold.
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ class Report:
     command: str = ""
     versions: Mapping[str, str] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    methods_in_rows: bool = False
 
 
-def metric_table(results: Sequence[EvalResult], metric: str) -> list[list[str]]:
-    """Rows: tasks (+ mean); columns: methods; best per row marked with ``**``."""
+def metric_table(
+    results: Sequence[EvalResult], metric: str, methods_in_rows: bool = False
+) -> list[list[str]]:
+    """Rows: tasks (+ mean); columns: methods; best per row marked with ``**``
+    (``methods_in_rows``: the transpose, best per column)."""
+    if methods_in_rows:
+        cols = [list(col) for col in zip(*metric_table(results, metric))]
+        cols[0][0] = "method"
+        return cols
     tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
     pick = max if metric == "accuracy" else min
     rows = [["task", *[r.method for r in results]]]
@@ -81,8 +91,14 @@ def _html_table(rows: list[list[str]]) -> str:
 
 def _sections(report: Report) -> list[Section]:
     head = [
-        Section("Accuracy (held-out tasks)", table=metric_table(report.results, "accuracy")),
-        Section("Gold NLL per token (lower is better)", table=metric_table(report.results, "nll")),
+        Section(
+            "Accuracy (held-out tasks)",
+            table=metric_table(report.results, "accuracy", report.methods_in_rows),
+        ),
+        Section(
+            "Gold NLL per token (lower is better)",
+            table=metric_table(report.results, "nll", report.methods_in_rows),
+        ),
     ]
     intervals = interval_table(report.results, baseline="base")
     if intervals:

@@ -20,5 +20,6 @@ MERGES: Registry = Registry(
         "dare-ties": "lorashelf.merge.dare:DARE_TIES",
         "wudi": "lorashelf.merge.wudi:WUDI",
         "core-space": "lorashelf.merge.core_space:CORE_SPACE",
+        "knots": "lorashelf.merge.knots:KNOTS",
     },
 )

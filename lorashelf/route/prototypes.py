@@ -105,8 +105,9 @@ def arrow_prototypes(
     fresh = _compute(todo, device)
     storable = {(sums[i], m): p for (i, m), p in fresh.items() if sums[i]}
     if cache_path is not None and storable:
+        owners = {sums[i]: experts[i][0] for i, _ in fresh if sums[i]}
         try:
-            write_cache(cache_path, storable)
+            write_cache(cache_path, storable, owners)
         except OSError as e:  # a read-only library: the prototypes are just not kept
             log.info("not caching Arrow prototypes in %s (%s)", cache_path, e)
     protos = {**cached, **fresh}
@@ -152,8 +153,13 @@ def cache_problem(path: Path) -> str | None:
     return None if why is None else f"damaged ({why})"
 
 
-def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torch.Tensor]) -> None:
-    """Add prototypes to the cache file (rewritten through a temporary file + rename)."""
+def write_cache(
+    path: str | os.PathLike[str],
+    new: Mapping[tuple[str, str], torch.Tensor],
+    owners: Mapping[str, str] | None = None,
+) -> None:
+    """Add prototypes to the cache file (rewritten through a temporary file + rename);
+    ``owners`` names the expert of each checksum (for ``library ls``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -163,4 +169,4 @@ def write_cache(path: str | os.PathLike[str], new: Mapping[tuple[str, str], torc
     fresh = {f"{key}/{m}": p.float().contiguous() for (key, m), p in new.items()}
     tensors.update({k: t for k, t in fresh.items() if bool(torch.isfinite(t).all())})
     meta = {"format": CACHE_FORMAT, "method": "exact: thin QR of A^T and B, SVD of r x r core"}
-    save_derived(path, tensors, meta)
+    save_derived(path, tensors, meta, kind="arrow", experts=owners or {})

@@ -71,8 +71,11 @@ def read_embeddings(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in keys if k in stored}
 
 
-def write_embeddings(path: Path, new: Mapping[str, torch.Tensor]) -> None:
-    """Add embeddings to the cache file (rewritten through a temporary file + rename)."""
+def write_embeddings(
+    path: Path, new: Mapping[str, torch.Tensor], owners: Mapping[str, str] | None = None
+) -> None:
+    """Add embeddings to the cache file (rewritten through a temporary file + rename);
+    ``owners`` names the expert of each checksum (for ``library ls``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     if path.exists() and file_problem(path) is None:
@@ -80,7 +83,7 @@ def write_embeddings(path: Path, new: Mapping[str, torch.Tensor]) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors.update({k: t.float().contiguous() for k, t in new.items() if torch.isfinite(t).all()})
     meta = {"format": CACHE_FORMAT, "method": "mean of base-model mean-pooled last hidden states"}
-    save_derived(path, tensors, meta)
+    save_derived(path, tensors, meta, kind="retrieval", experts=owners or {})
 
 
 def expert_embeddings(
@@ -122,8 +125,9 @@ def expert_embeddings(
             fresh[i] = mean_pooled(model, tokenizer, ps, max_length=max_length).mean(0)
         storable = {keys[i]: e for i, e in fresh.items() if keys[i]}
         if cache_path is not None and storable:
+            owners = {keys[i].split("/")[0]: names[i] for i in fresh if keys[i]}
             try:
-                write_embeddings(cache_path, storable)
+                write_embeddings(cache_path, storable, owners)
             except OSError as e:  # a read-only library: the embeddings are just not kept
                 log.info("not caching retrieval embeddings in %s (%s)", cache_path, e)
     rows = [fresh[i] if i in fresh else cached[keys[i]] for i in range(len(names))]

@@ -21,12 +21,17 @@ def test_quick_demo_report_resume_and_reproducibility(real_home, tmp_path, capsy
     report = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert "## Accuracy (held-out tasks)" in report
-    rows = [
-        line for line in report.splitlines() if line.startswith("| bigbench:arithmetic/3_digit")
-    ]
-    assert rows and all(len(re.findall(r"\d\.\d{3}", r)) >= 8 for r in rows), rows
+    assert "| method | bigbench:arithmetic/3_digit_addition |" in report  # methods in rows
+    labels = ("| base |", "| private + Arrow |", "| PHATGOOSE |", "| LoraHub 5-shot",
+              "| CAT 5-shot", "| best expert (chosen on test: upper bound) |")  # fmt: skip
+    tables = report.split("## Accuracy (held-out tasks)")[1].split("## Mean over")[0]
+    rows = [line for line in tables.splitlines() if line.startswith(labels)]
+    assert len(rows) == 2 * len(labels), rows  # in the accuracy and the NLL table
+    assert all(len(re.findall(r"\d\.\d{3}", r)) == 3 for r in rows), rows  # 2 tasks + mean
+    assert "## Methods" in report and "best expert (chosen on test: upper bound): " in report
     assert page.count("data:image/png;base64,") >= 4
-    for name in ("base", "private-arrow", "mbc-uniform", "oracle", "phatgoose", "lorahub"):
+    for name in ("base", "private-arrow", "mbc-uniform", "oracle", "phatgoose", "fewshot",
+                 "best-expert-chosen-on-test-upper-bound"):  # fmt: skip
         assert (out / "results" / f"{name}.json").exists(), name
 
     from lorashelf.library import Library

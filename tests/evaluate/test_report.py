@@ -31,6 +31,10 @@ def test_metric_table_marks_best_per_row():
     assert nll[1] == ["t1", "2.000", "**1.500**"]
     assert nll[2] == ["t2", "**1.000**", "1.200"]
     assert nll[3] == ["mean", "1.500", "**1.350**"]
+    by_method = metric_table(RESULTS, "nll", methods_in_rows=True)
+    assert by_method[0] == ["method", "t1", "t2", "mean"]
+    assert by_method[1] == ["base", "2.000", "**1.000**", "1.500"]
+    assert by_method[2] == ["arrow", "**1.500**", "1.200", "**1.350**"]
 
 
 def test_write_report_md_and_self_contained_html(tmp_path):
