@@ -11,8 +11,11 @@ restores the original modules. No dense ``d_out x d_in`` delta is ever formed: a
 experts' ``A`` are one ``(E*r) x d_in`` matrix, so one matmul gives every expert's
 r-dim projection, which is weighted and sent through one ``d_out x (E*r)`` matmul
 ("dense" strategy). For a router's top-k over very many experts the layer can gather
-only the chosen experts' factors per token instead ("gather"); ``auto`` picks by the
-crossover measured in bench/arrow_forward.py. Fixed weights that need no gradient
+only the chosen experts' factors per token instead ("gather"), or compute only the
+chosen experts' rank columns as sparse products ("sparse": the top-k pattern as a CSR
+matrix, a sampled dense-dense product for ``A x`` at those columns, then a sparse-dense
+product with ``B``: ``k*r`` of the ``E*r`` columns per token, exact, computed in
+float32); ``auto`` picks by the crossovers measured in bench/arrow_forward.py. Fixed weights that need no gradient
 are folded into the factors of the experts with a nonzero weight (once per
 ``set_weights``), so an oracle's one-hot weights cost one expert. The state all layers
 of one attachment share is :class:`lorashelf.lora.state.MixtureState`; a kernel for
@@ -42,13 +45,20 @@ from lorashelf.lora.stack import Experts, ExpertStack, check_experts, stack_expe
 from lorashelf.lora.state import MixtureState
 
 MIXES = ("output", "params")
-STRATEGIES = ("auto", "dense", "gather")
+STRATEGIES = ("auto", "dense", "gather", "sparse")
 # "auto" gathers when a module has more than this many experts per chosen expert:
 # the dense path's cost grows with E (two matmuls over all E*r rank columns), the
 # gather path's with top_k but at a much higher cost per expert (it copies each
 # token's factors). On a 2-core CPU, SmolLM2 shapes, rank 4, dense was faster at 128
 # experts per chosen one and gather at 256 (bench/arrow_forward.py --strategies).
 GATHER_EXPERTS_PER_K = 192
+# "auto" takes the sparse path on the CPU for a forward of many tokens without gradient
+# when a module has at least this many experts per chosen one: at 1024 tokens, rank 4,
+# SmolLM2 shapes, sparse was 1.0x dense at 32 experts per chosen one, 2.5x faster at 64
+# and 5x at 256; for a few tokens (decoding) its fixed cost loses to dense
+# (bench/arrow_forward.py --strategies). Not measured on GPUs yet: dense/gather there.
+SPARSE_EXPERTS_PER_K = 48
+SPARSE_MIN_TOKENS = 256
 
 
 @dataclass
@@ -98,9 +108,11 @@ class MixtureLinear(nn.Module):
                 return y
             w = self.router(x)
             self._record(w, x)
-            strategy = _choose(st.strategy, self.router.top_k, self.n_local)
+            strategy = _choose(st.strategy, self.router.top_k, self.n_local, x, st.mix)
             if strategy == "gather":
                 return (y + self._gather(x, w, self.router.top_k)).to(y.dtype)
+            if strategy == "sparse":
+                return (y + self._sparse(x, w, self.router.top_k)).to(y.dtype)
         elif st.weights is not None:
             w = self._local(st.weights, x)
             self._record(w, x)
@@ -184,15 +196,49 @@ class MixtureLinear(nn.Module):
         out = torch.einsum("nkr,nkor->no", u, B[idx])
         return out.reshape(*shape, out.shape[-1])
 
+    def _sparse(self, x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+        """Output mix over each token's top ``k`` experts as two sparse products."""
+        if self.state.mix != "output":
+            raise LorashelfError("the sparse strategy computes mix='output' only; use dense")
+        shape, r = x.shape[:-1], self.rank
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        w2 = w.reshape(-1, w.shape[-1]).float()
+        n = x2.shape[0]
+        vals, idx = w2.topk(k, dim=-1)
+        idx, order = idx.sort(-1)  # CSR wants each row's columns in order
+        vals = vals.gather(-1, order)
+        offsets = torch.arange(r, device=x.device)
+        cols = (idx.unsqueeze(-1) * r + offsets).reshape(-1)
+        crow = torch.arange(0, n * k * r + 1, k * r, device=x.device)
+        size = (n, self.n_local * r)
+        pattern = torch.sparse_csr_tensor(crow, cols, x2.new_ones(n * k * r), size=size)
+        h = torch.sparse.sampled_addmm(pattern, x2, self.A_all.float().T, beta=0.0)
+        u = torch.sparse_csr_tensor(
+            crow, cols, h.values() * vals.repeat_interleave(r, dim=-1).reshape(-1), size=size
+        )
+        out = u @ self.B_all.float().T
+        return out.reshape(*shape, out.shape[-1]).to(x.dtype)
+
     def _record(self, w: torch.Tensor, x: torch.Tensor) -> None:
         if self.state.recorder is not None:
             self.state.recorder.add(self.name, self.members, w.detach(), x.shape[:-1])
 
 
-def _choose(strategy: str, top_k: int | None, n_local: int) -> str:
+def _choose(strategy: str, top_k: int | None, n_local: int, x: torch.Tensor, mix: str) -> str:
     if strategy != "auto":
         return strategy if top_k is not None else "dense"
-    if top_k is not None and n_local > GATHER_EXPERTS_PER_K * top_k:
+    if top_k is None:
+        return "dense"
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if (
+        x.device.type == "cpu"
+        and mix == "output"
+        and tokens >= SPARSE_MIN_TOKENS
+        and n_local >= SPARSE_EXPERTS_PER_K * top_k
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return "sparse"
+    if n_local > GATHER_EXPERTS_PER_K * top_k:
         return "gather"
     return "dense"
 

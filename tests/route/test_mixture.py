@@ -138,6 +138,33 @@ def test_gather_strategy_equals_dense(kit, mix: str) -> None:
     torch.testing.assert_close(outs["gather"], outs["dense"], rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_strategy_equals_dense(kit) -> None:
+    """The CSR path (sampled A x at the top-k columns, then B) gives the dense numbers,
+    mixed ranks included; auto takes it only for big inference forwards on the CPU."""
+    from lorashelf.lora import mixture
+
+    net, experts = Net(), layer_experts(kit, ranks=(4, 2, 4, 3, 4, 1))
+    router = ArrowRouter(torch.randn(6, D_IN), top_k=2, temperature=1.0)
+    x = torch.randn(3, 9, D_IN)
+    outs = {}
+    with torch.no_grad():
+        for strategy in ("dense", "sparse"):
+            with attach(net, experts, routers={"proj": router}, strategy=strategy):
+                outs[strategy] = net(x)
+    torch.testing.assert_close(outs["sparse"], outs["dense"], rtol=1e-5, atol=1e-5)
+    big = torch.randn(1, mixture.SPARSE_MIN_TOKENS, D_IN)
+    choose = mixture._choose
+    with torch.no_grad():
+        assert choose("auto", 1, 48, big, "output") == "sparse"
+        assert choose("auto", 1, 48, big, "params") == "dense"
+        assert choose("auto", 1, 47, big, "output") == "dense"
+        assert choose("auto", 1, 48, big[:, :8], "output") == "dense"  # decoding
+    assert choose("auto", 1, 48, big.requires_grad_(), "output") == "dense"
+    with attach(net, experts, routers={"proj": router}, mix="params", strategy="sparse"):
+        with pytest.raises(LorashelfError, match="mix='output' only"):
+            net(x)
+
+
 def test_params_mix_equals_mixed_factors(kit) -> None:
     net, experts = Net(), layer_experts(kit, ranks=(4, 4, 4))
     w = torch.tensor([0.2, 0.5, 0.3])
