@@ -13,6 +13,7 @@ Only the engine's worker thread calls :meth:`prepare` and :meth:`refresh`.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from lorashelf.library import Library
 from lorashelf.serve.compositions import DEFAULT_TOP_K, Composition, UnknownModel
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 
+log = logging.getLogger("lorashelf.serve")
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
 
 
@@ -46,7 +48,8 @@ class Bank:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.plan = BatchPlan(self.device)
-        self.snapshot = Snapshot({}, {})
+        self.snapshot = Snapshot({}, {})  # what is served
+        self._seen = Snapshot({}, {})  # what the libraries listed at the last refresh
         self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
         self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
         self.columns: dict[str, int] = {}
@@ -59,31 +62,54 @@ class Bank:
 
     # ------------------------------------------------------------ library state
     def read_snapshot(self) -> Snapshot:
+        """Every listed expert's weights sha256 and which libraries have all their gates."""
+        experts = {
+            lib_name: {e.name: e.files.get("adapter_model.safetensors", "") for e in lib}
+            for lib_name, lib in self.libraries.items()
+        }
+        return self._with_gates(experts)
+
+    def _with_gates(self, experts: Mapping[str, Mapping[str, str]]) -> Snapshot:
         from lorashelf.route.gate_store import gates_dir, gates_path
 
-        experts, gates = {}, {}
-        for lib_name, lib in self.libraries.items():
-            experts[lib_name] = {e.name: e.files.get("adapter_model.safetensors", "") for e in lib}
-            d = gates_dir(lib.path)
-            sums = experts[lib_name].values()
-            gates[lib_name] = bool(sums) and all(gates_path(d, s).is_file() for s in sums if s)
+        gates = {}
+        for lib_name, sums in experts.items():
+            d = gates_dir(self.libraries[lib_name].path)
+            gates[lib_name] = bool(sums) and all(
+                gates_path(d, s).is_file() for s in sums.values() if s
+            )
         return Snapshot(experts, gates)
 
     def refresh(self) -> bool:
-        """Re-read the libraries; re-attach if an expert came, went or changed."""
-        snap = self.read_snapshot()
-        if snap == self.snapshot and self._loaded:
+        """Re-read the libraries; re-attach if an expert came, went or changed.
+
+        An expert whose files fail their sha256 (or do not parse) is left out, with a
+        warning naming it and the fix: the server answers every other model, and a
+        request for the damaged one gets a 404, never its weights.
+        """
+        seen = self.read_snapshot()
+        if seen == self._seen and self._loaded:
             return False
         old = self.snapshot.experts
-        for lib_name, experts in snap.experts.items():
+        served: dict[str, dict[str, str]] = {}
+        for lib_name, experts in seen.experts.items():
+            served[lib_name] = {}
             for name, sha in experts.items():
                 col = f"{lib_name}/{name}"
                 if col not in self.factors or old.get(lib_name, {}).get(name) != sha:
-                    lib = self.libraries[lib_name]
-                    self.factors[col] = lib.get(name).lora_factors(self.device, self.dtype)
-        live = {f"{lib}/{n}" for lib, ex in snap.experts.items() for n in ex}
+                    try:
+                        factors = (
+                            self.libraries[lib_name].get(name).lora_factors(self.device, self.dtype)
+                        )
+                    except LorashelfError as e:
+                        log.warning("not serving %s: %s", col, e)
+                        self.factors.pop(col, None)
+                        continue
+                    self.factors[col] = factors
+                served[lib_name][name] = sha
+        live = {f"{lib}/{n}" for lib, ex in served.items() for n in ex}
         self.factors = {c: f for c, f in self.factors.items() if c in live}
-        self.snapshot = snap
+        self._seen, self.snapshot = seen, self._with_gates(served)
         self.virtual.clear()
         self._routers.clear()
         self._deltas.clear()
@@ -179,6 +205,15 @@ class Bank:
         top_k = comp.top_k or DEFAULT_TOP_K[comp.kind]
         temp = comp.temperature if comp.kind == "arrow" else None
         return RowSpec(routed=(comp.kind, comp.library, subset, top_k, temp))
+
+    def ready(self, spec: RowSpec) -> None:
+        """Build (and cache) the routers or merge delta ``spec`` needs, before its batch
+        runs: a damaged derived file (PHATGOOSE gates) then fails only the requests
+        that use it, with its LorashelfError, not every row of the batch."""
+        if spec.routed is not None:
+            self._cached(self._routers, spec.routed, self._build_routers)
+        if spec.dense is not None:
+            self._cached(self._deltas, spec.dense, self._build_delta)
 
     def prepare(self, specs: Sequence[RowSpec], record: bool) -> None:
         """Make what ``specs`` need (virtual experts, routers, deltas) and set the plan."""

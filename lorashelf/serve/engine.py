@@ -187,11 +187,19 @@ class Engine:
             if req.cancelled:
                 continue
             try:
-                rows.append(_Row(req, self.bank.resolve(req.composition), self.tokenizer))
+                spec = self.bank.resolve(req.composition)
             except UnknownModel as e:
                 _emit(req, Event("error", text=str(e), status=404))
+                continue
             except LorashelfError as e:
                 _emit(req, Event("error", text=str(e), status=400))
+                continue
+            try:
+                self.bank.ready(spec)  # e.g. damaged gates: this request fails, not the batch
+            except LorashelfError as e:
+                _emit(req, Event("error", text=str(e), status=500))
+                continue
+            rows.append(_Row(req, spec, self.tokenizer))
         if not rows:
             return
         try:
