@@ -50,6 +50,7 @@ class Bank:
         self.plan = BatchPlan(self.device)
         self.snapshot = Snapshot({}, {})  # what is served
         self._seen = Snapshot({}, {})  # what the libraries listed at the last refresh
+        self.unserved: dict[str, str] = {}  # column -> why it is left out (damaged files)
         self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
         self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
         self.columns: dict[str, int] = {}
@@ -92,6 +93,7 @@ class Bank:
             return False
         old = self.snapshot.experts
         served: dict[str, dict[str, str]] = {}
+        self.unserved = {}
         for lib_name, experts in seen.experts.items():
             served[lib_name] = {}
             for name, sha in experts.items():
@@ -104,6 +106,7 @@ class Bank:
                     except LorashelfError as e:
                         log.warning("not serving %s: %s", col, e)
                         self.factors.pop(col, None)
+                        self.unserved[col] = str(e)
                         continue
                     self.factors[col] = factors
                 served[lib_name][name] = sha
@@ -179,8 +182,9 @@ class Bank:
         names = comp.experts
         for n in names or ():
             if n not in experts:
+                col = f"{comp.library}/{n}"
                 if comp.kind == "expert":
-                    raise UnknownModel(f"{comp.library}/{n}", self.model_ids())
+                    raise UnknownModel(col, self.model_ids(), self.unserved.get(col))
                 raise LorashelfError(
                     f"no expert {n!r} in library {comp.library}{did_you_mean(n, experts)}"
                 )

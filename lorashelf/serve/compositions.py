@@ -32,9 +32,11 @@ DEFAULT_TOP_K = {"arrow": 4, "phatgoose": 2}  # the routers' own defaults
 class UnknownModel(LorashelfError):
     """A model id (or its expert) that is not served: the server's 404."""
 
-    def __init__(self, model: str, served: Sequence[str]) -> None:
+    def __init__(self, model: str, served: Sequence[str], why: str | None = None) -> None:
         super().__init__(
-            f"the model {model!r} is not served{did_you_mean(model, served)}; "
+            f"the model {model!r} is not served: {why}"
+            if why
+            else f"the model {model!r} is not served{did_you_mean(model, served)}; "
             "GET /v1/models (or `lorashelf library ls LIB`) lists them"
         )
         self.model = model

@@ -262,7 +262,9 @@ def test_corruption_matrix_serve(
                     assert 400 <= got.status_code < 600, got.text
                     assert isinstance(got.json()["error"]["message"], str), got.text
             if kind in ("config", "weights"):  # sha256 catches every damage to these
-                assert "lib/e0" not in ids or not isinstance(answers["lib/e0"], str)
+                assert "lib/e0" not in ids
+                r = client.post("/v1/completions", json=PROMPT | {"model": "lib/e0"})
+                assert r.status_code == 404 and ("corrupt" in r.text or "missing" in r.text), r.text
             for model in ("other/e0", "other:arrow", "lib/e1", "lib"):
                 r = client.post("/v1/completions", json=PROMPT | {"model": model})
                 assert r.status_code == 200, (model, r.text)
