@@ -258,11 +258,21 @@ def test_non_utf8_jsonl_and_bad_adapter_configs_are_one_line(cli, tmp_path, rlib
         assert rc == 2 and "adapter_config.json" in err, text
 
 
-def test_diverged_training_says_so():
+def test_diverged_training_says_so(cli, rlib, tmp_path, tiny_model_dir):
+    """``--lr 1e6`` keeps the (clipped) loss finite but blows the weights up: the run
+    says "training diverged" and names --lr; nothing lands, no staging dir is left."""
     from lorashelf.library.schema import check_caller_card
 
     with pytest.raises(LorashelfError, match="training diverged.*--lr"):
         check_caller_card({"valid_loss": math.nan})
+    task = tmp_path / "t.jsonl"
+    task.write_text(
+        "".join(json.dumps({"input": f"Q{i}:", "target": " a"}) + "\n" for i in range(8))
+    )
+    rc, _, err = cli("train", rlib, "--tasks", f"jsonl:{task}", "--name", "div", "--lr", "1e6",
+                     "--steps", "3", "--model", tiny_model_dir, "--quiet", "--target-modules", "q_proj,v_proj")  # fmt: skip
+    assert rc == 2 and "training diverged" in err and "--lr 1e+06" in err, err
+    assert Library.open(rlib).names() == ["e0", "e1"] and list((rlib / ".tmp").iterdir()) == []
 
 
 def test_killed_writer_leaves_no_staging_dir(rlib):
