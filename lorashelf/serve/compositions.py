@@ -16,6 +16,7 @@ with eval's method names plus ``weights:NAME=0.7,NAME=0.3``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,7 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
     for key, typ in (("top_k", int), ("temperature", float), ("density", float)):
         if options.get(key) is not None:
             fields[key] = _typed(options, key, typ)
+    _check_ranges(fields)
     if fields.get("kind", comp.kind) == "expert" and "experts" in fields:
         raise LorashelfError(
             "lorashelf.experts applies to merges, weights and routing, not one expert"
@@ -175,6 +177,18 @@ def _weights(raw: Any, experts: tuple[str, ...] | None) -> dict[str, Any]:
     raise LorashelfError(
         "lorashelf.weights must be {name: weight} or a list of numbers, one per lorashelf.experts"
     )
+
+
+def _check_ranges(fields: Mapping[str, Any]) -> None:
+    """A request's 400 for an option its method would refuse (``top_k: 0`` was taken
+    as the default; the others failed later, inside the batch)."""
+    top_k, temp, density = (fields.get(k) for k in ("top_k", "temperature", "density"))
+    if top_k is not None and top_k < 1:
+        raise LorashelfError(f"lorashelf.top_k must be at least 1, got {top_k}")
+    if temp is not None and not (math.isfinite(temp) and temp > 0):
+        raise LorashelfError(f"lorashelf.temperature must be a number > 0, got {temp}")
+    if density is not None and not 0 < density <= 1:
+        raise LorashelfError(f"lorashelf.density must be in (0, 1], got {density}")
 
 
 def _typed(options: Mapping[str, Any], key: str, typ: type) -> Any:

@@ -221,11 +221,25 @@ def test_bad_eval_numbers_exit_2(cli, mc_task, flag, value):
         (["library", "import", "L", "src", "--name", ""], "--name"),
         (["train", "--tasks", "t", "--library", "L", "--lr", "nan"], "--lr"),
         (["--device", "tpu", "library", "ls", "L"], "--device"),
+        (["serve", "L", "--port", "70000"], "--port"),
+        (["serve", "L", "--max-batch", "0"], "--max-batch"),
+        (["generate", "L", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["generate", "L", "--prompt", "x", "--method", "arrow", "--top-k", "0"], "--top-k"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(cli, argv, needle):
     rc, _, err = cli(*argv)
     assert rc == 2 and needle in err
+
+
+def test_serve_on_a_taken_port_is_one_line(cli, rlib):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc, _, err = cli("serve", rlib, "--port", s.getsockname()[1])
+    assert rc == 2 and "cannot listen on 127.0.0.1" in err and "--port" in err
 
 
 def test_missing_device_is_one_line(cli, mc_task, monkeypatch):
