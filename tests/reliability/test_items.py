@@ -232,6 +232,19 @@ def test_bad_arguments_exit_2_with_one_line(cli, argv, needle):
     assert rc == 2 and needle in err
 
 
+@pytest.mark.parametrize(
+    "method, pair, needle",
+    [
+        ("ties", "density=nan", "density must be a number, got 'nan'"),  # not JSON: a string
+        ("arrow", "top_k=2.5", "top_k must be an integer"),
+        ("arrow", "top_k=true", "top_k must be an integer"),
+    ],
+)
+def test_set_values_of_the_wrong_type_are_one_line(cli, rlib, mc_task, method, pair, needle):
+    rc, _, err = cli("eval", rlib, "--tasks", mc_task, "--method", method, "--set", pair)
+    assert rc == 2 and needle in err
+
+
 def test_serve_on_a_taken_port_is_one_line(cli, rlib):
     import socket
 
