@@ -235,8 +235,28 @@ def make_config(method: Method, settings: Mapping[str, Any]) -> Any:
     belong to other methods); unset (None) values keep the dataclass default."""
     if method.config_cls is None:
         return None
-    names = {f.name for f in dataclasses.fields(method.config_cls)}
-    return method.config_cls(**{k: v for k, v in settings.items() if k in names and v is not None})
+    fields = {f.name: f for f in dataclasses.fields(method.config_cls)}
+    given = {k: v for k, v in settings.items() if k in fields and v is not None}
+    for key, value in given.items():
+        _check_type(method.name, fields[key], value)
+    return method.config_cls(**given)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(method: str, field: dataclasses.Field, value: Any) -> None:
+    """A ``--set`` value of the wrong JSON type (``density=nan`` is the string "nan")
+    is one line naming the option, not a TypeError inside the options class."""
+    want = type(field.default)
+    if want not in _TYPE_NAMES:
+        return
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise LorashelfError(
+            f"{method} option {field.name} must be {_TYPE_NAMES[want]}, got {value!r}"
+        )
 
 
 def check_settings(methods: Sequence[Method], settings: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorashelf.cli.args import float_range, int_range, nonneg_int, positive_float, positive_int
 from lorashelf.cli.options import add_set_flag, parse_sets
 
 PALETTE = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green",
@@ -24,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", default=None, help="the prompt text")
     src.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=nonneg_int, default=64)
+    g.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float_range(0.0, 1.0, low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _method_options(g)
@@ -39,21 +40,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve libraries over an OpenAI-compatible HTTP API")
     s.add_argument("library", type=Path, nargs="+")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int_range(1, 65535), default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    s.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long for more")
-    s.add_argument("--watch-s", type=float, default=2.0, help="poll the library index (0: off)")
+    s.add_argument("--max-batch", type=positive_int, default=16, help="requests per forward pass")
+    s.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503")
+    s.add_argument(
+        "--batch-window-ms", type=float_range(0.0), default=10.0, help="wait this long for more"
+    )
+    s.add_argument(
+        "--watch-s", type=float_range(0.0), default=2.0, help="poll the library index (0: off)"
+    )
     _model_options(s)
     s.set_defaults(func=cmd_serve)
 
 
 def _method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", default=None, help="comma-separated subset (merges, routing)")
-    p.add_argument("--top-k", type=int, default=None, help="arrow/phatgoose: experts per token")
-    p.add_argument("--router-temperature", type=float, default=None, help="arrow: softmax temp.")
-    p.add_argument("--density", type=float, default=None, help="ties: fraction of entries kept")
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, help="arrow/phatgoose: experts per token"
+    )
+    p.add_argument(
+        "--router-temperature", type=positive_float, default=None, help="arrow: softmax temp."
+    )
+    p.add_argument(
+        "--density",
+        type=float_range(0.0, 1.0, low_open=True),
+        default=None,
+        help="ties: fraction of entries kept",
+    )
     add_set_flag(p)
 
 

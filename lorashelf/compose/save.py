@@ -9,15 +9,14 @@ alpha); for ``mix="output"`` the weighted sum of the experts' updates, either ex
 the relative truncation error recorded. The card says where it came from
 (``source="compose"``) and keeps the weights per expert name, the shots' fingerprint,
 the config and the search trace under ``extra``. The adapter is written to a
-temporary directory and handed to ``Library.add``, which checks it before anything
-lands in the library: a failure at any step leaves the library as it was.
+staging directory inside the library (``Library.staging_dir``) and handed to
+``Library.add``, which checks it before anything lands in the library: a failure at
+any step leaves the library as it was, and a killed run leaves nothing in /tmp.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from lorashelf.compose.composed import is_zero
 from lorashelf.compose.lorahub import CompositionResult
@@ -69,6 +68,6 @@ def save_composition(
             "relative_truncation_error": error,
         },
     }
-    with tempfile.TemporaryDirectory(prefix="lorashelf-compose-") as tmp:
-        write_peft_adapter(factors, Path(tmp), library.base_model)
+    with library.staging_dir("compose--") as tmp:
+        write_peft_adapter(factors, tmp, library.base_model)
         return library.add(tmp, name=name, card=card, allow_mixed=allow_mixed, overwrite=overwrite)

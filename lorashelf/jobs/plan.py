@@ -3,15 +3,18 @@
 A job is anything with a ``name``: the name its output takes in the library. The
 resume rule is "skip what the library already has": a job whose name the library (a
 :class:`Shelf`) lists is done, so rerunning after an interruption does only the rest.
-The hand-over is atomic: the work function writes into a fresh temporary directory,
-and only a finished directory is added, in one ``add`` call that stages and renames
-(``Library.add``), so a crash or Ctrl-C leaves whole outputs or none.
+The hand-over is atomic: the work function writes into a fresh staging directory
+inside the library (``Library.staging_dir``: locked while in use, so the next write
+to the library deletes a killed job's leftovers, and nothing is left in the system
+temp dir), and only a finished directory is added, in one ``add`` call that stages
+and renames on the same filesystem (``Library.add``), so a crash or Ctrl-C leaves
+whole outputs or none.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -53,6 +56,8 @@ class Shelf(Protocol):
 
     def add(self, src: Path, *, name: str, card: Mapping[str, Any]) -> Any: ...
 
+    def staging_dir(self, prefix: str) -> AbstractContextManager[Path]: ...
+
 
 def pending(jobs: Sequence[J], shelf: Shelf) -> list[J]:
     """The jobs whose name ``shelf`` does not list yet, in order."""
@@ -61,9 +66,9 @@ def pending(jobs: Sequence[J], shelf: Shelf) -> list[J]:
 
 
 def hand_over(work: Work[J, R], job: J, shelf: Shelf) -> R:
-    """Run ``work`` for ``job`` in a temporary directory, then add the result to ``shelf``."""
-    with tempfile.TemporaryDirectory(prefix="lorashelf-job-") as tmp:
-        out = Path(tmp) / job.name
+    """Run ``work`` for ``job`` in a staging directory of ``shelf``, then add the result."""
+    with shelf.staging_dir("job--") as tmp:
+        out = tmp / job.name
         made = work(job, out)
         shelf.add(out, name=job.name, card=made.card)
     return made.result

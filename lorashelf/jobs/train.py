@@ -4,8 +4,9 @@
 or a single joint job (their "shared" multi-task baseline), refuses a configuration
 the library would reject, and hands the jobs to :func:`~lorashelf.jobs.run.run_jobs`:
 experts already in the library are skipped, so an interrupted run resumes where it
-stopped, and each expert is trained in a temporary directory and enters the library
-in one atomic add. ``local`` trains them in turn on one loaded base model; ``ray``
+stopped, and each expert is trained in a staging directory inside the library and
+enters it in one atomic add; a run whose update blew up says "training diverged"
+(:func:`check_converged`) rather than failing the library's import check. ``local`` trains them in turn on one loaded base model; ``ray``
 runs one job per Ray task, each loading its own tasks and base from the model cache.
 """
 
@@ -141,6 +142,7 @@ class TrainWork:
         res = trainer.train_expert(
             self.base, tasks, self.spec.config, out_dir=out_dir, progress=self.spec.progress
         )
+        check_converged(out_dir, self.spec.config, res.steps)
         result = JobResult(
             name=job.name,
             tasks=job.tasks,
@@ -152,6 +154,28 @@ class TrainWork:
             tokens_per_second=res.tokens_per_second,
         )
         return Output(res.card(), result)
+
+
+def check_converged(out_dir: Path, config: TrainConfig, steps: int) -> None:
+    """Raise "training diverged" when the trained update is past what the library accepts.
+
+    A learning rate far too high need not give a NaN loss (the gradients are clipped):
+    the weights can grow to an update norm of 1e14 while the loss stays finite, and the
+    library would then refuse the adapter with advice about ``lora_alpha``.
+    """
+    import math
+
+    from lorashelf.library import read_lora_factors
+    from lorashelf.library.adapter import MAX_UPDATE_NORM, update_norm
+
+    for module, f in read_lora_factors(out_dir).items():
+        norm = update_norm(f.A, f.B, f.scale)
+        if not math.isfinite(norm) or norm > MAX_UPDATE_NORM:
+            raise LorashelfError(
+                f"training diverged: after {steps} steps the update of {module} has norm "
+                f"{norm:.3g} (a library accepts up to {MAX_UPDATE_NORM:g}); lower the "
+                f"learning rate (now --lr {config.lr:g})"
+            )
 
 
 def train_many(

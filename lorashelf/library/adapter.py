@@ -145,14 +145,19 @@ def check_floating(state_dict: Mapping[str, Any], what: str) -> None:
             )
 
 
-def check_update_norm(module: str, a: Any, b: Any, scale: float, what: str) -> None:
-    """``||scale * B @ A||_F``, computed in float64 without forming ``B @ A``, is sane."""
+def update_norm(a: Any, b: Any, scale: float) -> float:
+    """``||scale * B @ A||_F``, computed in float64 without forming ``B @ A``."""
     import torch
 
     a64, b64 = a.double(), b.double()
     # ||B A||_F^2 = trace((B^T B)(A A^T)): two r x r products, cheap for any module size
     sq = float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp(min=0.0))
-    norm = abs(scale) * math.sqrt(sq)
+    return abs(scale) * math.sqrt(sq)
+
+
+def check_update_norm(module: str, a: Any, b: Any, scale: float, what: str) -> None:
+    """``||scale * B @ A||_F`` is finite and at most :data:`MAX_UPDATE_NORM`."""
+    norm = update_norm(a, b, scale)
     if not math.isfinite(norm) or norm > MAX_UPDATE_NORM:
         raise LorashelfError(
             f"{what}: the update of {module} has norm {norm:.3g} (scale lora_alpha/r = "

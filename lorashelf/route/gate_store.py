@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,7 @@ class GateShelf:
     directory: Path
     checksums: Mapping[str, str]  # expert name -> its adapter's sha256
     overwrite: bool = False
+    library: Library | None = None  # where jobs stage their work (see staging_dir)
 
     def names(self) -> list[str]:
         if self.overwrite:
@@ -147,6 +149,12 @@ class GateShelf:
         from safetensors.torch import load_file
 
         return save_gates(self.directory, self.checksums[name], load_file(src / GATES_FILE), card)
+
+    def staging_dir(self, prefix: str) -> AbstractContextManager[Path]:
+        """The library's staging dir: a killed gate training leaves nothing behind."""
+        if self.library is None:
+            raise LorashelfError("a GateShelf needs its library to stage gate training in")
+        return self.library.staging_dir(prefix)
 
 
 def load_library_gates(library: Library, names: Sequence[str]) -> list[dict[str, torch.Tensor]]:

@@ -237,7 +237,7 @@ def train_library_gates(
     if not experts:
         raise LorashelfError(f"library {library.path} has no experts; add some first")
     sums = {e.name: adapter_checksum(e) for e in experts}
-    shelf = GateShelf(gates_dir(library.path), sums, overwrite=overwrite)
+    shelf = GateShelf(gates_dir(library.path), sums, overwrite=overwrite, library=library)
     todo = pending(experts, shelf)
     no_tasks = [e.name for e in todo if not e.card.get("tasks")]
     if no_tasks:

@@ -283,6 +283,7 @@ def run_server(config: ServeConfig, *, home: Path, device: Any) -> None:
 
     from lorashelf.serve.loading import load_bank
 
+    check_address(config.host, config.port)  # before the minutes of loading a model
     bank, tokenizer = load_bank(config.libraries, home=home, device=device, dtype=config.dtype,
                                 model=config.model, lora_dtype=config.lora_dtype)  # fmt: skip
     engine = Engine(bank, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
@@ -296,3 +297,19 @@ def run_server(config: ServeConfig, *, home: Path, device: Any) -> None:
     finally:
         engine.stop()
         bank.close()
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on (a port in use,
+    an unknown host), which uvicorn reports only after startup, with a traceback."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise LorashelfError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or --host"
+        ) from None

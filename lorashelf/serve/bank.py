@@ -15,6 +15,7 @@ Only the engine's worker thread calls :meth:`prepare` and :meth:`refresh`.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from lorashelf.library import Library
 from lorashelf.serve.compositions import Composition, UnknownModel, merge_kinds, routed_kinds
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 
+log = logging.getLogger("lorashelf.serve")
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
 
 
@@ -57,7 +59,9 @@ class Bank:
         self.lora_dtype = lora_dtype
         self.dtype = lora_dtype or p.dtype
         self.plan = BatchPlan(self.device)
-        self.snapshot = Snapshot({}, {})
+        self.snapshot = Snapshot({}, {})  # what is served
+        self._seen = Snapshot({}, {})  # what the libraries listed at the last refresh
+        self.unserved: dict[str, str] = {}  # column -> why it is left out (damaged files)
         self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
         self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
         self.columns: dict[str, int] = {}
@@ -71,31 +75,56 @@ class Bank:
 
     # ------------------------------------------------------------ library state
     def read_snapshot(self) -> Snapshot:
+        """Every listed expert's weights sha256 and which libraries have all their gates."""
+        experts = {
+            lib_name: {e.name: e.files.get("adapter_model.safetensors", "") for e in lib}
+            for lib_name, lib in self.libraries.items()
+        }
+        return self._with_gates(experts)
+
+    def _with_gates(self, experts: Mapping[str, Mapping[str, str]]) -> Snapshot:
         from lorashelf.route.gate_store import gates_dir, gates_path
 
-        experts, gates = {}, {}
-        for lib_name, lib in self.libraries.items():
-            experts[lib_name] = {e.name: e.files.get("adapter_model.safetensors", "") for e in lib}
-            d = gates_dir(lib.path)
-            sums = experts[lib_name].values()
-            gates[lib_name] = bool(sums) and all(gates_path(d, s).is_file() for s in sums if s)
+        gates = {}
+        for lib_name, sums in experts.items():
+            d = gates_dir(self.libraries[lib_name].path)
+            gates[lib_name] = bool(sums) and all(
+                gates_path(d, s).is_file() for s in sums.values() if s
+            )
         return Snapshot(experts, gates)
 
     def refresh(self) -> bool:
-        """Re-read the libraries; re-attach if an expert came, went or changed."""
-        snap = self.read_snapshot()
-        if snap == self.snapshot and self._loaded:
+        """Re-read the libraries; re-attach if an expert came, went or changed.
+
+        An expert whose files fail their sha256 (or do not parse) is left out, with a
+        warning naming it and the fix: the server answers every other model, and a
+        request for the damaged one gets a 404, never its weights.
+        """
+        seen = self.read_snapshot()
+        if seen == self._seen and self._loaded:
             return False
         old = self.snapshot.experts
-        for lib_name, experts in snap.experts.items():
+        served: dict[str, dict[str, str]] = {}
+        self.unserved = {}
+        for lib_name, experts in seen.experts.items():
+            served[lib_name] = {}
             for name, sha in experts.items():
                 col = f"{lib_name}/{name}"
                 if col not in self.factors or old.get(lib_name, {}).get(name) != sha:
-                    lib = self.libraries[lib_name]
-                    self.factors[col] = lib.get(name).lora_factors(self.device, self.dtype)
-        live = {f"{lib}/{n}" for lib, ex in snap.experts.items() for n in ex}
+                    try:
+                        factors = (
+                            self.libraries[lib_name].get(name).lora_factors(self.device, self.dtype)
+                        )
+                    except LorashelfError as e:
+                        log.warning("not serving %s: %s", col, e)
+                        self.factors.pop(col, None)
+                        self.unserved[col] = str(e)
+                        continue
+                    self.factors[col] = factors
+                served[lib_name][name] = sha
+        live = {f"{lib}/{n}" for lib, ex in served.items() for n in ex}
         self.factors = {c: f for c, f in self.factors.items() if c in live}
-        self.snapshot = snap
+        self._seen, self.snapshot = seen, self._with_gates(served)
         self.virtual.clear()
         self._merges.clear()
         self._routers.clear()
@@ -170,8 +199,9 @@ class Bank:
         names = comp.experts
         for n in names or ():
             if n not in experts:
+                col = f"{comp.library}/{n}"
                 if comp.kind == "expert":
-                    raise UnknownModel(f"{comp.library}/{n}", self.model_ids())
+                    raise UnknownModel(col, self.model_ids(), self.unserved.get(col))
                 raise LorashelfError(
                     f"no expert {n!r} in library {comp.library}{did_you_mean(n, experts)}"
                 )
@@ -196,6 +226,15 @@ class Bank:
         key = (comp.kind, comp.library, subset, comp.top_k, comp.temperature, comp.settings)
         self._router_config(key)  # bad settings fail here, as the request's 400
         return RowSpec(routed=key)
+
+    def ready(self, spec: RowSpec) -> None:
+        """Build (and cache) the routers or merge delta ``spec`` needs, before its batch
+        runs: a damaged derived file (PHATGOOSE gates) then fails only the requests
+        that use it, with its LorashelfError, not every row of the batch."""
+        if spec.routed is not None:
+            self._cached(self._routers, spec.routed, self._build_routers)
+        if spec.dense is not None:
+            self._cached(self._deltas, spec.dense, self._build_delta)
 
     def prepare(self, specs: Sequence[RowSpec], record: bool) -> None:
         """Make what ``specs`` need (virtual experts, routers, deltas) and set the plan."""

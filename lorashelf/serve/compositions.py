@@ -18,6 +18,7 @@ routing (retrieval) are not served yet; they are refused with a pointer to ``eva
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +50,11 @@ def kinds() -> list[str]:
 class UnknownModel(LorashelfError):
     """A model id (or its expert) that is not served: the server's 404."""
 
-    def __init__(self, model: str, served: Sequence[str]) -> None:
+    def __init__(self, model: str, served: Sequence[str], why: str | None = None) -> None:
         super().__init__(
-            f"the model {model!r} is not served{did_you_mean(model, served)}; "
+            f"the model {model!r} is not served: {why}"
+            if why
+            else f"the model {model!r} is not served{did_you_mean(model, served)}; "
             "GET /v1/models (or `lorashelf library ls LIB`) lists them"
         )
         self.model = model
@@ -203,6 +206,7 @@ def with_options(comp: Composition, options: Mapping[str, Any] | None) -> Compos
         settings["density"] = _typed(options, "density", float)
     if settings:
         fields["settings"] = tuple(sorted(settings.items()))
+    _check_ranges({**fields, **dict(fields.get("settings", ()))})
     if fields.get("kind", comp.kind) == "expert" and "experts" in fields:
         raise LorashelfError(
             "lorashelf.experts applies to merges, weights and routing, not one expert"
@@ -221,6 +225,18 @@ def _weights(raw: Any, experts: tuple[str, ...] | None) -> dict[str, Any]:
     raise LorashelfError(
         "lorashelf.weights must be {name: weight} or a list of numbers, one per lorashelf.experts"
     )
+
+
+def _check_ranges(fields: Mapping[str, Any]) -> None:
+    """A request's 400 for an option its method would refuse (``top_k: 0`` was taken
+    as the default; the others failed later, inside the batch)."""
+    top_k, temp, density = (fields.get(k) for k in ("top_k", "temperature", "density"))
+    if top_k is not None and top_k < 1:
+        raise LorashelfError(f"lorashelf.top_k must be at least 1, got {top_k}")
+    if temp is not None and not (math.isfinite(temp) and temp > 0):
+        raise LorashelfError(f"lorashelf.temperature must be a number > 0, got {temp}")
+    if density is not None and not 0 < density <= 1:
+        raise LorashelfError(f"lorashelf.density must be in (0, 1], got {density}")
 
 
 def _typed(options: Mapping[str, Any], key: str, typ: type) -> Any:

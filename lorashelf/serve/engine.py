@@ -204,11 +204,19 @@ class Engine:
             if req.cancelled:
                 continue
             try:
-                rows.append(_Row(req, self.bank.resolve(req.composition), self.tokenizer))
+                spec = self.bank.resolve(req.composition)
             except UnknownModel as e:
                 _emit(req, Event("error", text=str(e), status=404))
+                continue
             except LorashelfError as e:
                 _emit(req, Event("error", text=str(e), status=400))
+                continue
+            try:
+                self.bank.ready(spec)  # e.g. damaged gates: this request fails, not the batch
+            except LorashelfError as e:
+                _emit(req, Event("error", text=str(e), status=500))
+                continue
+            rows.append(_Row(req, spec, self.tokenizer))
         return rows
 
     def _waiting(self, room: int) -> list[Request]:
@@ -228,7 +236,8 @@ class Engine:
         Continuous batching: after each step, requests waiting in the queue are
         prefilled on their own and join the running batch (their KV cache and mask
         left-padded to the batch's length, so every row still sees only its own
-        tokens), up to ``max_batch`` rows. Rows that join are appended to ``rows``, so a failure reaches them too.
+        tokens), up to ``max_batch`` rows. Rows that join are appended to ``rows``, so
+        a failure reaches them too.
         """
         record = any(r.req.return_routing for r in rows)
         batch: _Batch | None = self._prefill(list(rows), record)

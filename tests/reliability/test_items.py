@@ -221,11 +221,38 @@ def test_bad_eval_numbers_exit_2(cli, mc_task, flag, value):
         (["library", "import", "L", "src", "--name", ""], "--name"),
         (["train", "--tasks", "t", "--library", "L", "--lr", "nan"], "--lr"),
         (["--device", "tpu", "library", "ls", "L"], "--device"),
+        (["serve", "L", "--port", "70000"], "--port"),
+        (["serve", "L", "--max-batch", "0"], "--max-batch"),
+        (["generate", "L", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["generate", "L", "--prompt", "x", "--method", "arrow", "--top-k", "0"], "--top-k"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(cli, argv, needle):
     rc, _, err = cli(*argv)
     assert rc == 2 and needle in err
+
+
+@pytest.mark.parametrize(
+    "method, pair, needle",
+    [
+        ("ties", "density=nan", "density must be a number, got 'nan'"),  # not JSON: a string
+        ("arrow", "top_k=2.5", "top_k must be an integer"),
+        ("arrow", "top_k=true", "top_k must be an integer"),
+    ],
+)
+def test_set_values_of_the_wrong_type_are_one_line(cli, rlib, mc_task, method, pair, needle):
+    rc, _, err = cli("eval", rlib, "--tasks", mc_task, "--method", method, "--set", pair)
+    assert rc == 2 and needle in err
+
+
+def test_serve_on_a_taken_port_is_one_line(cli, rlib):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc, _, err = cli("serve", rlib, "--port", s.getsockname()[1])
+    assert rc == 2 and "cannot listen on 127.0.0.1" in err and "--port" in err
 
 
 def test_missing_device_is_one_line(cli, mc_task, monkeypatch):
@@ -258,11 +285,21 @@ def test_non_utf8_jsonl_and_bad_adapter_configs_are_one_line(cli, tmp_path, rlib
         assert rc == 2 and "adapter_config.json" in err, text
 
 
-def test_diverged_training_says_so():
+def test_diverged_training_says_so(cli, rlib, tmp_path, tiny_model_dir):
+    """``--lr 1e6`` keeps the (clipped) loss finite but blows the weights up: the run
+    says "training diverged" and names --lr; nothing lands, no staging dir is left."""
     from lorashelf.library.schema import check_caller_card
 
     with pytest.raises(LorashelfError, match="training diverged.*--lr"):
         check_caller_card({"valid_loss": math.nan})
+    task = tmp_path / "t.jsonl"
+    task.write_text(
+        "".join(json.dumps({"input": f"Q{i}:", "target": " a"}) + "\n" for i in range(8))
+    )
+    rc, _, err = cli("train", rlib, "--tasks", f"jsonl:{task}", "--name", "div", "--lr", "1e6",
+                     "--steps", "3", "--model", tiny_model_dir, "--quiet", "--target-modules", "q_proj,v_proj")  # fmt: skip
+    assert rc == 2 and "training diverged" in err and "--lr 1e+06" in err, err
+    assert Library.open(rlib).names() == ["e0", "e1"] and list((rlib / ".tmp").iterdir()) == []
 
 
 def test_killed_writer_leaves_no_staging_dir(rlib):

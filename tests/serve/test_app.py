@@ -123,6 +123,9 @@ def test_lorashelf_options_and_routing(client):
         ({"prompt": "x"}, 400, "model"),
         ({"model": "lib", "prompt": "x", "lorashelf": {"experts": ["nope"]}}, 400, None),
         ({"model": "lib", "prompt": "x", "lorashelf": {"colour": 1}}, 400, None),
+        ({"model": "lib:arrow", "prompt": "x", "lorashelf": {"top_k": 0}}, 400, None),
+        ({"model": "lib:arrow", "prompt": "x", "lorashelf": {"temperature": -1}}, 400, None),
+        ({"model": "lib:ties", "prompt": "x", "lorashelf": {"density": 1.5}}, 400, None),
         ({"model": "lib", "prompt": "x" * 600}, 400, None),  # longer than the context (512)
     ],
 )
