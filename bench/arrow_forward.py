@@ -13,7 +13,7 @@ with ``--threads 1``.
 Setup is the time to prepare the experts (PEFT: loading the adapters; lorashelf:
 exact prototypes and stacking); "tensors" is the memory each adds, "peak" the growth
 of malloc'd memory during one forward (activations). ``--strategies`` times one
-mixture layer with its dense and its gather path for 32 to 1024 experts (the data
+mixture layer with its dense, gather and sparse paths for 32 to 1024 experts (the data
 behind the ``auto`` crossover in lorashelf.lora.mixture); ``--paths dense,gather``
 gives each library size one row per path of the whole model instead of ``auto``'s.
 PEFT runs only up to ``--peft-max`` experts: it loads the adapters one by one (107 s
@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument(
         "--paths",
         default="auto",
-        help="lorashelf's mixture paths, comma-separated: auto,dense,gather",
+        help="lorashelf's mixture paths, comma-separated: auto,dense,gather,sparse",
     )
     add_model_args(ap)
     ap.add_argument("--strategies", action="store_true", help="also sweep dense vs gather")
@@ -304,7 +304,8 @@ def main() -> None:
 
 
 def strategy_sweep(n_tok: int, device: torch.device) -> list[dict]:
-    """One q_proj-shaped mixture layer (576 -> 576, rank 4, bf16): dense vs gather path."""
+    """One q_proj-shaped mixture layer (576 -> 576, rank 4, bf16): dense, gather and sparse
+    paths, at the run's token count and at decoding's 16 tokens."""
     from lorashelf.library.factors import LoraFactors
     from lorashelf.route import ArrowRouter, attach
 
@@ -313,7 +314,7 @@ def strategy_sweep(n_tok: int, device: torch.device) -> list[dict]:
     net = torch.nn.Sequential(torch.nn.Linear(576, 576, bias=False).to(device, torch.bfloat16))
     out = []
     print("\nmixture layer alone (q_proj shape, rank 4, bf16): ms per call")
-    print(f"{'E':>5s} {'k':>2s} {'dense':>8s} {'gather':>8s}")
+    print(f"{'E':>5s} {'k':>2s} {'tokens':>6s} {'dense':>8s} {'gather':>8s} {'sparse':>8s}")
     for E in (32, 128, 256, 512, 1024):
         experts = []
         for i in range(E):
@@ -322,13 +323,16 @@ def strategy_sweep(n_tok: int, device: torch.device) -> list[dict]:
             experts.append((f"e{i}", {"0": LoraFactors(A, B, 2.0)}))
         for k in (2, 4):
             router = ArrowRouter(torch.randn(E, 576, generator=g), k, 1.0)
-            ms = {}
-            for strategy in ("dense", "gather"):
-                with attach(net, experts, routers={"0": router}, strategy=strategy):
-                    timing = interleaved(lambda: net(x), lambda: None, 5, device)
-                    ms[strategy] = timing["secs"] * 1e3
-            out.append({"E": E, "k": k, **ms})
-            print(f"{E:5d} {k:2d} {ms['dense']:8.2f} {ms['gather']:8.2f}", flush=True)
+            for xs in (x, x[:16]):
+                ms = {}
+                for strategy in ("dense", "gather", "sparse"):
+                    with attach(net, experts, routers={"0": router}, strategy=strategy):
+                        with torch.inference_mode():
+                            timing = interleaved(lambda: net(xs), lambda: None, 5, device)
+                        ms[strategy] = timing["secs"] * 1e3
+                out.append({"E": E, "k": k, "tokens": len(xs), **ms})
+                print(f"{E:5d} {k:2d} {len(xs):6d} {ms['dense']:8.2f} {ms['gather']:8.2f} "
+                      f"{ms['sparse']:8.2f}", flush=True)  # fmt: skip
     return out
 
 
