@@ -328,7 +328,7 @@ def strategy_sweep(n_tok: int, device: torch.device) -> list[dict]:
                 for strategy in ("dense", "gather", "sparse"):
                     with attach(net, experts, routers={"0": router}, strategy=strategy):
                         with torch.inference_mode():
-                            timing = interleaved(lambda: net(xs), lambda: None, 5, device)
+                            timing = interleaved(lambda xs=xs: net(xs), lambda: None, 5, device)
                         ms[strategy] = timing["secs"] * 1e3
                 out.append({"E": E, "k": k, "tokens": len(xs), **ms})
                 print(f"{E:5d} {k:2d} {len(xs):6d} {ms['dense']:8.2f} {ms['gather']:8.2f} "
