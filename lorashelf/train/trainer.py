@@ -44,7 +44,7 @@ from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 from lorashelf.models import BaseModel
 from lorashelf.runtime import resolve_dtype
-from lorashelf.train.batches import batch_order, collate, encode_examples
+from lorashelf.train.batches import Encoded, batch_order, bucket_lengths, collate, encode_examples
 from lorashelf.train.config import TrainConfig
 from lorashelf.train.lora import attached
 from lorashelf.train.loss import target_nll
@@ -223,6 +223,12 @@ def mean_target_nll(
     return total / count
 
 
+def training_batches(encoded: Sequence[Encoded], config: TrainConfig) -> Iterator[list[int]]:
+    """The order :func:`optimize` trains on: endless batches of indices into ``encoded``,
+    bucketed by prompt length, fixed by ``config.seed``."""
+    return batch_order(bucket_lengths(encoded), config.batch_size, config.seed, config.bucket)
+
+
 def _loop(peft_model, tokenizer, train, config, steps, device, progress, desc):
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return optimize(
@@ -253,9 +259,7 @@ def optimize(
     """
     device = params[0].device
     encoded = encode_examples(tokenizer, examples, config.max_length, config.chat)
-    order = batch_order(
-        [len(e.ids) for e in encoded], config.batch_size, config.seed, config.bucket
-    )
+    order = training_batches(encoded, config)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, config))
     dtype = compute_dtype(config, device, weights)
@@ -337,15 +341,13 @@ def train_expert(
     names = [t.id for t in tasks]
     desc = names[0] if len(names) == 1 else f"{len(names)} tasks"
     start = time.perf_counter()
-    with (
-        training_attention(base.model, device),
-        attached(base.model, config, base.base_id) as pm,
-        seeded(config.seed, device),
-    ):
-        curve, tokens, times = _loop(
-            pm, base.tokenizer, train, config, steps, device, progress, desc
-        )
+    with attached(base.model, config, base.base_id) as pm:
+        with training_attention(base.model, device), seeded(config.seed, device):
+            curve, tokens, times = _loop(
+                pm, base.tokenizer, train, config, steps, device, progress, desc
+            )
         seconds = time.perf_counter() - start
+        # in the model's own attention, as lorashelf.evaluate scores the expert
         valid_loss = mean_target_nll(pm, base.tokenizer, valid, config) if valid else None
         tail = curve[-10:]
         result = TrainResult(
