@@ -11,11 +11,15 @@ under ``torch.autocast`` in bf16 where the device has it (fp16 on older GPUs). O
 this CPU (SmolLM2-135M, batch 8, one thread) bf16 weights took 7.5 ms/token without
 autocast and 8.1 with it (within noise), fp32 weights 9.7 with autocast (weights are
 re-cast every step) and 12.6 without. Batches are padded only to their longest
-member and bucketed by length, and the output head runs only at positions that
+member and bucketed by prompt length (so a batch does not hold one answer,
+:mod:`lorashelf.train.batches`), and the output head runs only at positions that
 predict answer tokens (:mod:`lorashelf.train.loss`). On the CPU, attention runs in
 its plain ("eager") form while training: PyTorch's CPU flash-attention backward
 made a SmolLM2 step ~30% slower at 40 and at 200 tokens; other devices keep the
-model's own choice. A fixed
+model's own choice, and the validation loss is always scored in it, as evaluation
+scores the expert. Otherwise a step is the step of PEFT + ``transformers.Trainer``
+with its defaults (the mean NLL over the batch's target tokens, AdamW, clipping at
+1.0, linear decay; tests/train/test_like_trainer.py checks it). A fixed
 ``seed`` gives identical losses and weights on two runs on the same machine.
 
 The adapter is written to a temporary sibling and renamed into place, so an
