@@ -179,11 +179,13 @@ def main() -> None:
     splits = task.splits(seed=cfg.split_seed)
     scored = {"train": splits.train[: args.n_train_eval], "valid": splits.valid[: cfg.max_valid]}
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    dirs = {"lorashelf": tmp / "lorashelf", "PEFT + transformers.Trainer": tmp / "trainer"}
     runs = {
-        "lorashelf": run_lorashelf(base, task, cfg, tmp / "lorashelf"),
-        "PEFT + transformers.Trainer": run_trainer(base, task, cfg, tmp / "trainer", device),
+        "lorashelf": run_lorashelf(base, task, cfg, dirs["lorashelf"]),
+        "PEFT + transformers.Trainer": run_trainer(
+            base, task, cfg, dirs["PEFT + transformers.Trainer"], device
+        ),
     }
-    dirs = dict(zip(runs, (tmp / "lorashelf", tmp / "trainer"), strict=True))
     s = args.skip
     rows = {}
     for name, (times, losses, tokens) in runs.items():
