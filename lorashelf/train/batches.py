@@ -7,6 +7,13 @@ scored on. Too-long examples lose tokens from the left of the prompt, never the
 target. Batches are padded to their longest member (dynamic padding); with
 ``bucket`` the examples of a shuffled window are sorted by length before being cut
 into batches, which removes most padding while the window keeps the order random.
+The sort key is the prompt's length (:func:`bucket_lengths`), not the whole
+sequence's: the target is part of the sequence, so sorting by total length puts
+examples with the same answer into the same batch whenever the answers tokenize to
+different lengths (BIG-bench sports_understanding: " implausible" is 3 tokens,
+" plausible" 1), and a run of one-answer batches pulls the expert back and forth
+between the two answers. The prompt is most of every sequence, so its length removes
+nearly the same padding.
 """
 
 from __future__ import annotations
@@ -79,10 +86,18 @@ def encode_examples(
     ]
 
 
+def bucket_lengths(encoded: Sequence[Encoded]) -> list[int]:
+    """The length each example is bucketed by: its prompt's, so that batches do not
+    group examples by their answer (see the module docstring)."""
+    return [len(e.ids) - e.n_target for e in encoded]
+
+
 def batch_order(
     lengths: Sequence[int], batch_size: int, seed: int, bucket: bool = True
 ) -> Iterator[list[int]]:
-    """Endless batches of example indices, epoch after epoch, fixed by ``seed``."""
+    """Endless batches of example indices, epoch after epoch, fixed by ``seed``.
+
+    ``lengths`` is what ``bucket`` sorts a window by (:func:`bucket_lengths`)."""
     rng = random.Random(seed)
     n = len(lengths)
     if n == 0:

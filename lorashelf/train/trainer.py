@@ -11,11 +11,15 @@ under ``torch.autocast`` in bf16 where the device has it (fp16 on older GPUs). O
 this CPU (SmolLM2-135M, batch 8, one thread) bf16 weights took 7.5 ms/token without
 autocast and 8.1 with it (within noise), fp32 weights 9.7 with autocast (weights are
 re-cast every step) and 12.6 without. Batches are padded only to their longest
-member and bucketed by length, and the output head runs only at positions that
+member and bucketed by prompt length (so a batch does not hold one answer,
+:mod:`lorashelf.train.batches`), and the output head runs only at positions that
 predict answer tokens (:mod:`lorashelf.train.loss`). On the CPU, attention runs in
 its plain ("eager") form while training: PyTorch's CPU flash-attention backward
 made a SmolLM2 step ~30% slower at 40 and at 200 tokens; other devices keep the
-model's own choice. A fixed
+model's own choice, and the validation loss is always scored in it, as evaluation
+scores the expert. Otherwise a step is the step of PEFT + ``transformers.Trainer``
+with its defaults (the mean NLL over the batch's target tokens, AdamW, clipping at
+1.0, linear decay; tests/train/test_like_trainer.py checks it). A fixed
 ``seed`` gives identical losses and weights on two runs on the same machine.
 
 The adapter is written to a temporary sibling and renamed into place, so an
@@ -44,7 +48,7 @@ from lorashelf.data.task import Example, Task
 from lorashelf.errors import LorashelfError
 from lorashelf.models import BaseModel
 from lorashelf.runtime import resolve_dtype
-from lorashelf.train.batches import batch_order, collate, encode_examples
+from lorashelf.train.batches import Encoded, batch_order, bucket_lengths, collate, encode_examples
 from lorashelf.train.config import TrainConfig
 from lorashelf.train.lora import attached
 from lorashelf.train.loss import target_nll
@@ -223,6 +227,12 @@ def mean_target_nll(
     return total / count
 
 
+def training_batches(encoded: Sequence[Encoded], config: TrainConfig) -> Iterator[list[int]]:
+    """The order :func:`optimize` trains on: endless batches of indices into ``encoded``,
+    bucketed by prompt length, fixed by ``config.seed``."""
+    return batch_order(bucket_lengths(encoded), config.batch_size, config.seed, config.bucket)
+
+
 def _loop(peft_model, tokenizer, train, config, steps, device, progress, desc):
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return optimize(
@@ -253,9 +263,7 @@ def optimize(
     """
     device = params[0].device
     encoded = encode_examples(tokenizer, examples, config.max_length, config.chat)
-    order = batch_order(
-        [len(e.ids) for e in encoded], config.batch_size, config.seed, config.bucket
-    )
+    order = training_batches(encoded, config)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, config))
     dtype = compute_dtype(config, device, weights)
@@ -337,15 +345,13 @@ def train_expert(
     names = [t.id for t in tasks]
     desc = names[0] if len(names) == 1 else f"{len(names)} tasks"
     start = time.perf_counter()
-    with (
-        training_attention(base.model, device),
-        attached(base.model, config, base.base_id) as pm,
-        seeded(config.seed, device),
-    ):
-        curve, tokens, times = _loop(
-            pm, base.tokenizer, train, config, steps, device, progress, desc
-        )
+    with attached(base.model, config, base.base_id) as pm:
+        with training_attention(base.model, device), seeded(config.seed, device):
+            curve, tokens, times = _loop(
+                pm, base.tokenizer, train, config, steps, device, progress, desc
+            )
         seconds = time.perf_counter() - start
+        # in the model's own attention, as lorashelf.evaluate scores the expert
         valid_loss = mean_target_nll(pm, base.tokenizer, valid, config) if valid else None
         tail = curve[-10:]
         result = TrainResult(

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from lorashelf.data.task import Example
-from lorashelf.train.batches import batch_order, collate, encode, encode_examples
+from lorashelf.train.batches import (
+    Encoded,
+    batch_order,
+    bucket_lengths,
+    collate,
+    encode,
+    encode_examples,
+)
 from lorashelf.train.config import TrainConfig, parse_targets
 from lorashelf.train.loss import target_nll
 from lorashelf.train.trainer import lr_factor
@@ -57,6 +64,21 @@ def test_batch_order_is_seeded_epochs_cover_everything():
         ls = sorted(lengths[i] for i in b)
         start = flat.index(ls[0])
         assert ls == flat[start : start + len(ls)]
+
+
+def test_buckets_do_not_group_examples_by_answer():
+    # one prompt length, answers of 2 and 4 tokens (with EOS): sorting a window by total
+    # length makes every batch one answer; the bucket key is the prompt's length only
+    encoded = [Encoded(ids=(7,) * 20 + (1,) * (2 if i % 2 else 4), n_target=2 if i % 2 else 4)
+               for i in range(64)]  # fmt: skip
+    assert bucket_lengths(encoded) == [20] * 64
+    order = batch_order(bucket_lengths(encoded), 8, seed=0)
+    mixed = [
+        b for b in (next(order) for _ in range(8)) if len({encoded[i].n_target for i in b}) == 2
+    ]
+    assert len(mixed) >= 6
+    by_total = batch_order([len(e.ids) for e in encoded], 8, seed=0)
+    assert all(len({encoded[i].n_target for i in next(by_total)}) == 1 for _ in range(8))
 
 
 def test_collate_marks_prediction_positions(tiny_tokenizer):

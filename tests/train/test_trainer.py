@@ -199,3 +199,31 @@ def test_bad_targets_and_empty_split(tiny_base, toy_task, fast_config, tmp_path)
         train_expert(
             tiny_base, [tiny], fast_config.__class__(train_on="valid"), out_dir=tmp_path / "f"
         )
+
+
+def test_valid_loss_scored_in_the_models_own_attention(
+    tiny_base, toy_task, fast_config, tmp_path, monkeypatch
+):
+    # training runs eager attention on the CPU; the card's valid loss must be the
+    # quantity evaluation computes, in the model's own attention (bf16 eager and sdpa
+    # scored one SmolLM2 adapter 0.309 and 0.324)
+    import lorashelf.train.trainer as trainer
+
+    tiny_base.model.set_attn_implementation("sdpa")
+    seen, score = [], trainer.mean_target_nll
+
+    def spy(model, *args, **kwargs):
+        seen.append(tiny_base.model.config._attn_implementation)
+        return score(model, *args, **kwargs)
+
+    steps = []
+
+    def loop(*args):
+        steps.append(tiny_base.model.config._attn_implementation)
+        return [1.0], [1], [0.1]
+
+    monkeypatch.setattr(trainer, "mean_target_nll", spy)
+    monkeypatch.setattr(trainer, "_loop", loop)
+    res = train_expert(tiny_base, [toy_task], fast_config, out_dir=tmp_path / "e", progress=False)
+    assert steps == ["eager"] and seen == ["sdpa"] and res.valid_loss is not None
+    assert tiny_base.model.config._attn_implementation == "sdpa"
