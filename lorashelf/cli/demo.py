@@ -79,6 +79,8 @@ def _study(args: argparse.Namespace, suite, out: Path, console) -> int:  # noqa:
     study = Study(out=out, suite=suite, home=args.home, run_cli=main, console=console)
     if args.stage != "report":
         study.run(only=args.stage)
-    md = write_study_report(study, args.report or out / "report", "lorashelf " + shlex.join(sys.argv[1:]))
+    md = write_study_report(
+        study, args.report or out / "report", "lorashelf " + shlex.join(sys.argv[1:])
+    )
     console.print(f"report: {md}")
     return 0

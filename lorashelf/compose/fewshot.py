@@ -167,7 +167,9 @@ def per_example_means(runs: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
         return {}
     n = len(runs)
     return {
-        "correct": [sum(float(r["correct"][i]) for r in runs) / n for i in range(len(runs[0]["nlls"]))],
+        "correct": [
+            sum(float(r["correct"][i]) for r in runs) / n for i in range(len(runs[0]["nlls"]))
+        ],
         "nlls": [sum(r["nlls"][i] for r in runs) / n for i in range(len(runs[0]["nlls"]))],
     }
 

@@ -157,7 +157,9 @@ def candidates(home: Path) -> tuple[list[Candidate], str]:
     return out, canary
 
 
-def suite_json(picked: Mapping[str, Any], rule: Rule, canary: str, budget: Mapping[str, Any]) -> dict[str, Any]:
+def suite_json(
+    picked: Mapping[str, Any], rule: Rule, canary: str, budget: Mapping[str, Any]
+) -> dict[str, Any]:
     return {
         "name": "study",
         "description": (

@@ -123,6 +123,20 @@ class Study(Demo):
         }
 
     # ------------------------------------------------------------------ stages
+    def model_opts(self) -> list[str]:
+        return ["--model", self.suite.model] if self.suite.model else []
+
+    def pull(self) -> None:
+        if not self.suite.model:
+            self.lorashelf("model", "pull")
+        root = self.home / "data" / "bigbench" / "benchmark_tasks"
+        missing = [n for n in self.suite.bigbench_names if not (root / n / "task.json").exists()]
+        if missing:
+            self.lorashelf("data", "pull", "bigbench", "--only", *missing)
+
+    def train_opts(self) -> list[str]:
+        return [*super().train_opts(), *self.model_opts()]
+
     def cluster(self) -> None:
         """Every clustering, its agreement with the families, and the mean cosines."""
         d = self.out / "clusters"
@@ -136,7 +150,9 @@ class Study(Demo):
             plot = ["--plot", d / f"{name}.png"] if k == max(self.plan.retrain_ks) else []
             self.lorashelf("cluster", private, "--k", k, *extra, "--out", out, *plot)
         suite_file = self.out / "suite.json"
-        write_json_atomic(suite_file, {"families": self.suite.families, "canary": self.suite.canary})
+        write_json_atomic(
+            suite_file, {"families": self.suite.families, "canary": self.suite.canary}
+        )
         for k in self.plan.cluster_ks:
             for center in (False, True):
                 out = d / f"agreement{'-center' if center else ''}-k{k}.json"
@@ -170,6 +186,8 @@ class Study(Demo):
                         "--method", e.method, "--json", out]  # fmt: skip
                 if e.lib is not None:
                     argv.insert(1, self.out / e.lib)
+                else:
+                    argv += self.model_opts()
                 if e.method == "oracle":
                     argv += ["--oracle-map", f"{task}={self.suite.heldout[task]}"]
                 self.lorashelf(*argv)

@@ -42,6 +42,7 @@ class Suite:
     canary: str = ""
     study: dict[str, Any] = field(default_factory=dict)
     rule: dict[str, Any] = field(default_factory=dict)  # how the tasks were chosen
+    model: str = ""  # study suites: the base model (default: the embedded SmolLM2)
 
     @property
     def evaluated(self) -> list[str]:
