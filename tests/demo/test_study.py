@@ -48,11 +48,11 @@ def mini_suite(tmp_path, tiny_model_dir):
         "train": ["bigbench:arith/add", "bigbench:arith/sub", "bigbench:calc/add", "bigbench:calc/max"],
         "families": {"arith": ["bigbench:arith/add", "bigbench:arith/sub"],
                      "calc": ["bigbench:calc/add", "bigbench:calc/max"]},
-        "heldout": {"bigbench:arith/mul": "bigbench:arith/add", "bigbench:calc/mul": "bigbench:calc/add"},
+        "heldout": {"bigbench:arith/mul": "bigbench:arith/add"},
         "unseen": ["bigbench:other"],
         "train_examples": 30, "train_steps": 2, "train_batch": 4, "max_length": 64,
         "gate_steps": 1, "eval_limit": 4, "shots": 2, "seeds": 1, "lorahub_budget": 2,
-        "study": {"cluster_ks": [2, 3], "retrain_ks": [2], "agreement_seeds": 1,
+        "study": {"cluster_ks": [2], "retrain_ks": [2], "agreement_seeds": 1,
                   "fewshot_methods": ["lorahub"],
                   "skip_methods": ["wudi", "core-space", "dare-linear", "dare-ties", "ties",
                                    "uniform-delta", "task-arithmetic", "retrieval", "best-expert:shots",
@@ -81,6 +81,7 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
         study.run()
     done = sorted((out / "results").rglob("*.json"))
     assert len(done) == 3
+    assert not (out / "fewshot").exists()
     stamps = {p: p.stat().st_mtime_ns for p in done}
     stages = json.loads((out / "stages.json").read_text())
     assert stages["evaluate"]["runs"][0]["finished"] is False
@@ -98,7 +99,7 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
             "mbc-center-k2 + uniform", "random-k2 + arrow", "best-expert:test",
             "few-shot lorahub"} <= methods  # fmt: skip
     oracle = next(r for r in results["summary"]["all"] if r["method"] == "oracle")
-    assert oracle["tasks"] == 2  # seen families only
+    assert oracle["tasks"] == 1  # seen families only
     nlls = [r["nll"][0] for r in results["summary"]["all"]]
     assert nlls == sorted(nlls)
     assert all(r["nll"][1] <= r["nll"][0] <= r["nll"][2] for r in results["summary"]["all"])
@@ -115,7 +116,7 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     }
     assert results["stages"]["evaluate"]["seconds"] > 0
     assert -1 <= results["cosines"]["centered"] < results["cosines"]["raw"] <= 1
-    assert {"agreement-k2", "agreement-center-k3"} <= set(results["agreement"])
+    assert {"agreement-k2", "agreement-center-k2"} <= set(results["agreement"])
     md = (report / "report.md").read_text()
     assert "## Claims" in md and "(a) Arrow works" in md and "test suite: most merges skipped" in md
     assert (report / "methods.png").exists()
@@ -132,7 +133,7 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     assert few.stat().st_mtime_ns > before  # that stage was redone ...
     assert {p: p.stat().st_mtime_ns for p in done} == stamps  # ... and no other
     assert {n: Library.open(out / "private").get(n).created for n in created} == created
-    assert len(json.loads((out / "stages.json").read_text())["fewshot"]["runs"]) == 3
+    assert len(json.loads((out / "stages.json").read_text())["fewshot"]["runs"]) == 2
     capsys.readouterr()
     assert main([*argv, "--stage", "fewshoot"]) == 2
     assert "did you mean: fewshot" in capsys.readouterr().err
