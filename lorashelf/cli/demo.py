@@ -6,8 +6,14 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorashelf.errors import LorashelfError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lorashelf.demo.suite import Suite
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +77,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study(args: argparse.Namespace, suite, out: Path, console) -> int:  # noqa: ANN001
+def _study(args: argparse.Namespace, suite: Suite, out: Path, console: Console) -> int:
+    """A study suite: its stages (or the one ``--stage`` names), then its report."""
     from lorashelf.cli import main
     from lorashelf.demo.study import Study
     from lorashelf.demo.study_report import write_study_report

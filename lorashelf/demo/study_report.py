@@ -228,6 +228,7 @@ def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -
             lines.append(f"| {r['method']} | {r['tasks']} | {_fmt(r['nll'])} | {_fmt(r['accuracy'])} | "
                          f"{_test(r['vs_base'])} | {_test(r['vs_arrow'])} |")  # fmt: skip
         lines.append("")
+    lines += per_task_table(results)
     if results["cosines"]:
         c = results["cosines"]
         lines += ["## Parameter similarity", "", f"Mean cosine between the {int(c['n_experts'])} "
@@ -255,6 +256,52 @@ def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -
         lines.append(f"| {name} | {st['seconds']:.0f} | {len(st['runs'])} |")
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def per_task_table(results: Mapping[str, Any]) -> list[str]:
+    """Each method's gold NLL on each held-out task with its interval over examples."""
+    rows = results["summary"].get("all", [])
+    tasks = results["groups"].get("all", [])
+    if not rows:
+        return []
+    short = [t.split(":", 1)[-1] for t in tasks]
+    lines = ["## Gold NLL per held-out task [95% CI over its examples]", "",
+             "| method | " + " | ".join(short) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+    for r in rows:
+        cells = [_fmt(r["per_task"][t]["nll"]) if t in r["per_task"] else "-" for t in tasks]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def ari_plot(results: Mapping[str, Any], out: Path) -> Path | None:
+    """Mean ARI against the task families per k, for MBC, centred MBC and random."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, rows in results["agreement"].items():
+        k = int(name.rsplit("-k", 1)[1])
+        center = "-center" in name
+        for r in rows:
+            if r["method"] == "random" and center:
+                continue  # the same random partitions as without --center
+            label = f"{r['method']}{' --center' if center else ''}"
+            series.setdefault(label, []).append((k, r["ari_mean"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([k for k, _ in pts], [a for _, a in pts], marker="o", label=label)
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("ARI against the task families")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def interval_plot(results: Mapping[str, Any], out: Path) -> Path:
@@ -294,6 +341,9 @@ def write_study_report(study: Any, report_dir: Path, command: str) -> Path:
     figures = []
     if results["summary"]:
         figures.append(interval_plot(results, report_dir / "methods.png").name)
+    ari = ari_plot(results, report_dir / "ari.png")
+    if ari is not None:
+        figures.append(ari.name)
     for png in sorted((study.out / "clusters").glob("*.png")):
         (report_dir / png.name).write_bytes(png.read_bytes())
         figures.append(png.name)

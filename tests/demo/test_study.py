@@ -119,7 +119,8 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     assert {"agreement-k2", "agreement-center-k2"} <= set(results["agreement"])
     md = (report / "report.md").read_text()
     assert "## Claims" in md and "(a) Arrow works" in md and "test suite: most merges skipped" in md
-    assert (report / "methods.png").exists()
+    assert (report / "methods.png").exists() and (report / "ari.png").exists()
+    assert "## Gold NLL per held-out task" in md
 
     from lorashelf.library import Library
 
