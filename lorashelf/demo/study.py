@@ -4,7 +4,7 @@ A study suite (``lorashelf/suites/study.json``, chosen by
 lorashelf.demo.make_study_suite) trains one expert per training task plus the shared
 expert, clusters the library with MBC at several k with and without ``--center`` and a
 random baseline of the same sizes, trains the cluster libraries its budget allows
-(``study.retrain_ks``; the other k get clustering-only agreement with the task
+(``study.retrain_ks`` x ``study.retrain_kinds``; the rest get clustering-only agreement with the task
 families), and evaluates every registered zero-shot method and the few-shot ones on
 held-out tasks of seen and unseen families. Like the demo, every step is one
 ``lorashelf`` command, and everything resumes at the finest grain the commands allow:
@@ -37,6 +37,7 @@ class StudyPlan:
 
     cluster_ks: tuple[int, ...] = (4, 8, 16)
     retrain_ks: tuple[int, ...] = (8,)  # cluster libraries trained; the others: agreement only
+    retrain_kinds: tuple[str, ...] = ("mbc", "mbc-center", "random")  # which, at retrain_ks
     agreement_seeds: int = 3
     fewshot_methods: tuple[str, ...] = ("lorahub", "gradient", "cat")
     skip_methods: tuple[str, ...] = ()  # registered zero-shot methods left out, said in the report
@@ -55,7 +56,15 @@ class StudyPlan:
         bad = [k for k in plan.retrain_ks if k not in plan.cluster_ks]
         if bad:
             raise LorashelfError(f"study.retrain_ks {bad} must be among study.cluster_ks")
+        kinds = ("mbc", "mbc-center", "random")
+        wrong = [k for k in plan.retrain_kinds if k not in kinds]
+        if wrong:
+            raise LorashelfError(f"study.retrain_kinds {wrong}: choose from {', '.join(kinds)}")
         return plan
+
+    def retrained(self, name: str, k: int) -> bool:
+        """Is clustering ``name`` (``mbc-center-k8``) trained into a cluster library?"""
+        return k in self.retrain_ks and name.rsplit("-k", 1)[0] in self.retrain_kinds
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ def zero_shot_evals(plan: StudyPlan) -> list[Eval]:
     ]
     evals += [Eval(f"private + {m}", "private", m) for m in method_names() if m not in OWN]
     for name, k, _ in clusterings(plan):
-        if k in plan.retrain_ks:
+        if plan.retrained(name, k):
             evals += [Eval(f"{name} + {m}", f"libs/{name}", m) for m in ("uniform", "arrow")]
     return [e for e in evals if e.method not in plan.skip_methods]
 
@@ -147,7 +156,9 @@ class Study(Demo):
             if out.exists():
                 continue
             extra = [str(d / a) if a.endswith(".json") else a for a in extra]
-            plot = ["--plot", d / f"{name}.png"] if k == max(self.plan.retrain_ks) else []
+            # heatmaps of the MBC clusterings at the retrained k (a random one orders nothing)
+            mbc_k = k == max(self.plan.retrain_ks) and not name.startswith("random")
+            plot = ["--plot", d / f"{name}.png"] if mbc_k else []
             self.lorashelf("cluster", private, "--k", k, *extra, "--out", out, *plot)
         suite_file = self.out / "suite.json"
         write_json_atomic(
@@ -166,7 +177,7 @@ class Study(Demo):
 
     def build(self) -> None:
         for name, k, _ in clusterings(self.plan):
-            if k in self.plan.retrain_ks:
+            if self.plan.retrained(name, k):
                 self.lorashelf("build", self.out / "private", "--clusters",
                                self.out / "clusters" / f"{name}.json", "--out", self.out / "libs" / name)  # fmt: skip
 

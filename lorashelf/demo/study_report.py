@@ -14,6 +14,7 @@ the paired test on the results JSON alone, so anyone can recompute them.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,14 +172,18 @@ def study_results(study: Any) -> dict[str, Any]:
     results: dict[str, Any] = {
         "canary": s.canary,
         "suite": {"name": s.name, "train": list(s.train), "heldout": dict(s.heldout),
-                  "unseen": list(s.unseen), "eval_limit": s.eval_limit, "study": dict(s.study)},
+                  "unseen": list(s.unseen), "eval_limit": s.eval_limit, "study": dict(s.study),
+                  "budget": (f"{s.train_steps} steps per expert, batch {s.train_batch}, "
+                             f"{s.train_examples} examples read per task, {s.max_length} tokens; "
+                             f"gates {s.gate_steps} steps; few-shot {s.shots} shots x {s.seeds} "
+                             f"seed(s), LoraHub {s.lorahub_budget} evaluations")},
         "groups": groups,
         "per_example": per_example,
         "summary": summarise(per_example, groups),
         "agreement": {k: _agreement_summary(v) for k, v in agreement.items()},
         "cosines": cosines,
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
-        "machine": platform.processor() or platform.machine(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }  # fmt: skip
     results["claims"] = claim_verdicts(results)
     return results
@@ -207,6 +212,7 @@ def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -
         f"tasks of seen families and {len(s['unseen'])} of unseen families, up to "
         f"{s['eval_limit']} test examples each. Machine: {results['machine']}. Every number "
         "is read from this run's files (`results.json` beside this report).", "",
+        f"Budget: {s['budget']}.", "",
         f"BIG-bench canary: {results['canary']}", "",
         "## Claims", "",
         "| claim | " + " | ".join(results["groups"]) + " |",
@@ -221,6 +227,8 @@ def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -
     lines += ["", "A claim holds when the paired sign-flip test of the per-example gold NLL "
               f"difference rejects at {ALPHA} and its 95% interval excludes 0 on the right side.", ""]  # fmt: skip
     for group, rows in results["summary"].items():
+        if not rows:
+            continue
         lines += [f"## Methods on {group} held-out tasks (sorted by mean gold NLL)", "",
                   "| method | tasks | gold NLL [95% CI] | accuracy [95% CI] | NLL vs base (paired) | NLL vs private + arrow (paired) |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
