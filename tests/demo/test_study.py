@@ -191,3 +191,22 @@ def test_suite_rule():
     assert all(by_id[t].n >= Rule().min_examples and by_id[t].prompt_chars <= 1000 for t in train)
     assert select(list(reversed(cands)), Rule()) == picked  # input order does not matter
     assert select(cands, Rule(seed=1)) != picked
+
+
+def test_study_suite_checks(tmp_path):
+    from lorashelf.demo.study import StudyPlan
+    from lorashelf.errors import LorashelfError
+
+    shipped = load_suite("study")
+    assert len(shipped.train) >= 64 and len(shipped.heldout) >= 6 and len(shipped.unseen) >= 6
+    assert "canary" in shipped.canary.lower()
+    bad = {"name": "x", "description": "", "train": ["bigbench:a/b"], "heldout": {},
+           "unseen": ["bigbench:a/c"]}  # fmt: skip
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(LorashelfError, match="unseen tasks whose family is in training"):
+        load_suite(str(path))
+    with pytest.raises(LorashelfError, match="did you mean"):
+        StudyPlan.from_suite({"cluster_k": [8]})
+    with pytest.raises(LorashelfError, match="retrain_ks"):
+        StudyPlan.from_suite({"cluster_ks": [4], "retrain_ks": [8]})
