@@ -189,7 +189,7 @@ class Study(Demo):
         for e in zero_shot_evals(self.plan):
             for task in self.suite.evaluated:
                 if task in unseen and e.method == "oracle":
-                    continue  # no sibling in the library: best-expert:test is the bound there
+                    continue  # no sibling in the library, so no oracle expert
                 out = self.result_path(e, task)
                 if out.exists():
                     continue
