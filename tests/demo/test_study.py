@@ -105,6 +105,8 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     assert all(r["nll"][1] <= r["nll"][0] <= r["nll"][2] for r in results["summary"]["all"])
     assert {c["id"] for c in results["claims"]} == {"a", "b", "c", "d"}
     assert claim_verdicts(results) == results["claims"]
+    mbc = next(c for c in results["claims"] if c["id"] == "c")
+    assert mbc["a"] == "mbc-k2 + arrow" and mbc["groups"]["all"]["verdict"] != "not measured"
     assert set(results["stages"]) == {
         "pull",
         "train",
