@@ -217,7 +217,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
     def evaluate(model, tokenizer, task):
         r = evaluate_task(model, tokenizer, task, eval_cfg)
-        return {"n": r.n, "accuracy": r.accuracy, "nll": r.nll}
+        return {"n": r.n, "accuracy": r.accuracy, "nll": r.nll, "correct": r.correct,
+                "nlls": r.nlls}  # fmt: skip
 
     report = run_fewshot(base, experts, tasks, config, fs, evaluate, progress=True, table=table)
     title = f"{args.shots} shots x {args.seeds} seeds, {len(experts)} experts"

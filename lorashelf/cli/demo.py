@@ -6,6 +6,14 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorashelf.errors import LorashelfError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lorashelf.demo.suite import Suite
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--suite",
         default=None,
         help="a shipped suite name or a suite .json (default: demo, or quick)",
+    )
+    p.add_argument(
+        "--stage",
+        default=None,
+        help="study suites: rerun only this stage from scratch (pull, train, cluster, build, "
+        "gates, evaluate, fewshot) or just rewrite the report (report)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="study suites: the report directory (default: OUT/report)",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -38,6 +58,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite or ("quick" if args.quick else "demo"))
     out = args.out if not args.quick or args.out != Path("demo_out") else Path("demo_out_quick")
     console = Console()
+    if suite.study:
+        return _study(args, suite, out, console)
+    if args.stage or args.report:
+        raise LorashelfError(
+            f"--stage and --report are for study suites; suite {suite.name!r} runs whole "
+            "(it resumes by itself): drop them, or pass --suite study"
+        )
     demo = Demo(out=out, suite=suite, home=args.home, run_cli=main, console=console)
     demo.run()
     versions = {p: version(p) for p in ("lorashelf", "torch", "transformers", "peft")}
@@ -47,4 +74,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         collect_results(demo), title=f"held-out tasks, suite {suite.name}", console=console
     )
     console.print(f"report: {md} and {page}")
+    return 0
+
+
+def _study(args: argparse.Namespace, suite: Suite, out: Path, console: Console) -> int:
+    """A study suite: its stages (or the one ``--stage`` names), then its report."""
+    from lorashelf.cli import main
+    from lorashelf.demo.study import Study
+    from lorashelf.demo.study_report import write_study_report
+
+    study = Study(out=out, suite=suite, home=args.home, run_cli=main, console=console)
+    if args.stage != "report":
+        study.run(only=args.stage)
+    md = write_study_report(
+        study, args.report or out / "report", "lorashelf " + shlex.join(sys.argv[1:])
+    )
+    console.print(f"report: {md}")
     return 0

@@ -151,11 +151,27 @@ def as_eval_results(
                 "nll": s["mean_nll"],
                 "kind": kinds[task_id],
                 "seconds": sum(r["seconds"] for r in s["runs"]),
+                **per_example_means(s["runs"]),
             }
             best[task_id] = {"accuracy": s["best_accuracy"], "nll": s["best_nll"]}
         meta = {"aggregate": "mean over seeds", "seeds": len(s["runs"]), "best": best}
         out.append({"method": m, "tasks": per_task, "meta": meta})
     return out
+
+
+def per_example_means(runs: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each test example's correctness and gold NLL averaged over the seeds (every seed
+    scores the same test examples), so intervals and paired tests can resample examples;
+    empty when a scorer gave no per-example values."""
+    if not runs or any(not r.get("nlls") for r in runs):
+        return {}
+    n = len(runs)
+    return {
+        "correct": [
+            sum(float(r["correct"][i]) for r in runs) / n for i in range(len(runs[0]["nlls"]))
+        ],
+        "nlls": [sum(r["nlls"][i] for r in runs) / n for i in range(len(runs[0]["nlls"]))],
+    }
 
 
 def mean_weights(tasks: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -3,7 +3,11 @@
 A suite (JSON shipped in ``lorashelf/suites/``) lists training tasks grouped in
 families of sibling BIG-bench tasks with distinct formats plus unrelated tasks, and
 held-out tasks each mapped to its sibling training task (the oracle's expert).
-Training and held-out tasks never overlap: that is checked on load.
+A suite may also hold ``unseen`` held-out tasks whose whole family is absent from
+training (no oracle), a ``canary`` (the BIG-bench canary string, kept in every file
+derived from its tasks) and a ``study`` block: the budget of ``lorashelf demo --suite
+study`` (lorashelf.demo.study). Training and held-out tasks never overlap: that is
+checked on load.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from lorashelf.errors import LorashelfError, did_you_mean
 
@@ -37,10 +42,20 @@ class Suite:
     # methods: None runs every registered one; a list keeps a small suite fast
     more_methods: tuple[str, ...] | None = None
     fewshot_methods: tuple[str, ...] | None = None
+    unseen: tuple[str, ...] = ()  # held-out tasks of families absent from training
+    canary: str = ""
+    study: dict[str, Any] = field(default_factory=dict)
+    rule: dict[str, Any] = field(default_factory=dict)  # how the tasks were chosen
+    model: str = ""  # study suites: the base model (default: the embedded SmolLM2)
+
+    @property
+    def evaluated(self) -> list[str]:
+        """Every held-out task: the seen families' first, then the unseen ones."""
+        return [*self.heldout, *self.unseen]
 
     @property
     def bigbench_names(self) -> list[str]:
-        ids = [*self.train, *self.heldout]
+        ids = [*self.train, *self.heldout, *self.unseen]
         return sorted({t.split(":", 1)[1] for t in ids if t.startswith("bigbench:")})
 
 
@@ -69,8 +84,9 @@ def load_suite(name_or_path: str) -> Suite:
     for key in ("more_methods", "fewshot_methods"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
+    data["unseen"] = tuple(data.get("unseen", ()))
     suite = Suite(**data)
-    overlap = set(suite.train) & set(suite.heldout)
+    overlap = set(suite.train) & set(suite.evaluated)
     if overlap:
         raise LorashelfError(
             f"suite {suite.name}: held-out tasks also in training: {sorted(overlap)}"
@@ -78,8 +94,20 @@ def load_suite(name_or_path: str) -> Suite:
     missing = [s for s in suite.heldout.values() if s not in suite.train]
     if missing:
         raise LorashelfError(f"suite {suite.name}: sibling tasks not in training: {missing}")
+    seen = {family_of(t) for t in suite.train}
+    leaked = [t for t in suite.unseen if family_of(t) in seen]
+    if leaked:
+        raise LorashelfError(
+            f"suite {suite.name}: unseen tasks whose family is in training: {leaked}"
+        )
     _check_methods(suite)
     return suite
+
+
+def family_of(task_id: str) -> str:
+    """``bigbench:arithmetic/3_digit_addition`` -> ``bigbench:arithmetic``: a BIG-bench
+    task's family is its parent task (a task without subtasks is its own family)."""
+    return task_id.split("/", 1)[0]
 
 
 def _check_methods(suite: Suite) -> None:
