@@ -105,8 +105,11 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     assert all(r["nll"][1] <= r["nll"][0] <= r["nll"][2] for r in results["summary"]["all"])
     assert {c["id"] for c in results["claims"]} == {"a", "b", "c", "d"}
     assert claim_verdicts(results) == results["claims"]
-    mbc = next(c for c in results["claims"] if c["id"] == "c")
-    assert mbc["a"] == "mbc-k2 + arrow" and mbc["groups"]["all"]["verdict"] != "not measured"
+    mbc = [c for c in results["claims"] if c["id"] == "b"]
+    assert [c["a"] for c in mbc] == ["mbc-k2 + arrow", "mbc-k2 + uniform"]
+    assert all(c["groups"]["all"]["verdict"] != "not measured" for c in mbc)
+    shared = next(c for c in results["claims"] if c["id"] == "c")
+    assert (shared["a"], shared["b"]) == ("private + arrow", "shared")
     assert set(results["stages"]) == {
         "pull",
         "train",
@@ -120,7 +123,11 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
     assert -1 <= results["cosines"]["centered"] < results["cosines"]["raw"] <= 1
     assert {"agreement-k2", "agreement-center-k2"} <= set(results["agreement"])
     md = (report / "report.md").read_text()
-    assert "## Claims" in md and "(a) Arrow works" in md and "test suite: most merges skipped" in md
+    assert (
+        "## Claims" in md
+        and "(a) Arrow beats uniform merging" in md
+        and "test suite: most merges skipped" in md
+    )
     assert (report / "methods.png").exists() and (report / "ari.png").exists()
     assert "## Gold NLL per held-out task" in md
 
@@ -143,10 +150,11 @@ def test_study_end_to_end_resume_and_stage(mini_suite, tmp_path, capsys):
 
 
 def _results(a_minus_b: float, noise: float, n: int = 200) -> dict:
+    """private + arrow = private + uniform + ``a_minus_b`` (+ noise) per example."""
     rng = random.Random(0)
-    base = [rng.uniform(1, 3) for _ in range(n)]
-    arrow = [b + a_minus_b + rng.gauss(0, noise) for b in base]
-    rows = {BASE: base, ARROW: arrow}
+    uniform = [rng.uniform(1, 3) for _ in range(n)]
+    arrow = [b + a_minus_b + rng.gauss(0, noise) for b in uniform]
+    rows = {BASE: uniform, "private + uniform": uniform, ARROW: arrow}
     per = {m: {"t1": {"nlls": v[: n // 2]}, "t2": {"nlls": v[n // 2 :]}} for m, v in rows.items()}
     return {"per_example": per, "groups": {"seen": ["t1"], "unseen": ["t2"], "all": ["t1", "t2"]}}
 
