@@ -7,7 +7,9 @@ BENCHMARKS.md always come from one fresh run of the current code.
     .venv/bin/python bench/run_all.py [--only NAME ...] [--quick] [--gpu FILE]
 
 ``--gpu FILE`` appends the section bench/gpu.sh wrote on a GPU machine (its own
-summary table; the table at the top stays this machine's).
+summary table; the table at the top stays this machine's). ``--only NAME ...`` reruns
+those benchmarks and replaces just their sections of an existing ``--out`` (each
+section names the date of its own run), then rebuilds the summary table.
 """
 
 from __future__ import annotations
@@ -65,6 +67,20 @@ def with_summary(text: str, header_end: str = "\n## ") -> str:
     return head + table + sep + rest
 
 
+def replace_sections(text: str, sections: list[str]) -> str:
+    """``text`` with each ``\n## NAME`` section replaced by the new one of that name
+    (appended when it had none); the rest of the file is kept as it was."""
+    for section in sections:
+        name = section.split("\n## ", 1)[1].split("\n", 1)[0]
+        head, sep, rest = text.partition(f"\n## {name}\n")
+        if not sep:
+            text = text.rstrip("\n") + "\n" + section
+            continue
+        after = rest.find("\n## ")
+        text = head + section.rstrip("\n") + "\n" + (rest[after:] if after >= 0 else "")
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
@@ -93,8 +109,9 @@ def main() -> int:
     m = machine()
     parts = [
         "# Benchmarks\n",
-        "Every number below was printed by the benchmark itself in one run of `make bench` "
-        "(`bench/run_all.py`), each ratio measured in that same run against the named baseline.\n",
+        "Every number below was printed by the benchmark itself in a run of `make bench` "
+        "(`bench/run_all.py`; `--only NAME` reruns one section, which then names its own "
+        "date), each ratio measured in that same run against the named baseline.\n",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
         f"GPU: {m['cuda']}. Date: {m['date']}.\n",
     ]
@@ -117,10 +134,15 @@ def main() -> int:
         parts.append(
             f"\n## {name}\n\n{doc_summary(path)}\n\n"
             f"`python bench/{path.name}{''.join(' ' + a for a in ARGS.get(name, []))}` - "
-            f"{status}, {secs:.0f} s\n\n```\n{out}\n```\n"
+            f"{status}, {secs:.0f} s, {m['date']}\n\n```\n{out}\n```\n"
         )
     gpu = "\n" + Path(args.gpu).read_text() if args.gpu else ""
-    Path(args.out).write_text(with_summary("".join(parts)) + gpu)
+    out_path = Path(args.out)
+    if args.only and out_path.is_file():
+        text = replace_sections(out_path.read_text(), parts[3:])
+    else:
+        text = "".join(parts)
+    out_path.write_text(with_summary(text) + gpu)
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
