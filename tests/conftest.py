@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,19 @@ TARGETS = ("q_proj", "v_proj")
 # Tiny models gain nothing from a second thread, and two threads per process on a
 # shared 2-core machine make every step spin (measured 5-20x slower).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _real_model_threads(request):
+    """Tests on the real model (marked slow) use the machine's cores, as a user's run
+    would: the quick demo took 293 s on one thread and about 215 s on two."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    yield
+    torch.set_num_threads(before)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
