@@ -112,7 +112,8 @@ class Demo:
 
     # ------------------------------------------------------------------ stages
     def pull(self) -> None:
-        self.lorashelf("model", "pull")
+        if not self.suite.model:  # a suite on another base model pulls nothing here
+            self.lorashelf("model", "pull")
         root = self.home / "data" / "bigbench" / "benchmark_tasks"
         missing = [n for n in self.suite.bigbench_names if not (root / n / "task.json").exists()]
         if missing:

@@ -135,14 +135,6 @@ class Study(Demo):
     def model_opts(self) -> list[str]:
         return ["--model", self.suite.model] if self.suite.model else []
 
-    def pull(self) -> None:
-        if not self.suite.model:
-            self.lorashelf("model", "pull")
-        root = self.home / "data" / "bigbench" / "benchmark_tasks"
-        missing = [n for n in self.suite.bigbench_names if not (root / n / "task.json").exists()]
-        if missing:
-            self.lorashelf("data", "pull", "bigbench", "--only", *missing)
-
     def train_opts(self) -> list[str]:
         return [*super().train_opts(), *self.model_opts()]
 

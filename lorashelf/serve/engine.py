@@ -32,6 +32,7 @@ import torch
 from lorashelf.errors import LorashelfError
 from lorashelf.serve.bank import Bank
 from lorashelf.serve.compositions import Composition, UnknownModel
+from lorashelf.serve.kvbatch import Batch, concat, joinable, new_cache
 from lorashelf.serve.sampling import SamplingParams, TextStream, next_tokens, top_logprobs
 
 log = logging.getLogger("lorashelf.serve")
@@ -240,23 +241,23 @@ class Engine:
         a failure reaches them too.
         """
         record = any(r.req.return_routing for r in rows)
-        batch: _Batch | None = self._prefill(list(rows), record)
+        batch: Batch | None = self._prefill(list(rows), record)
         while batch is not None:
             batch = self._narrow(batch, self._step(batch.rows, batch.logits), record)
             room = self.max_batch - (len(batch.rows) if batch else 0)
-            joined = self._admit(self._waiting(room)) if _joinable(batch) else []
+            joined = self._admit(self._waiting(room)) if joinable(batch) else []
             if joined:
                 rows += joined
                 record = record or any(r.req.return_routing for r in joined)
                 new = self._prefill(joined, record)
                 new = self._narrow(new, self._step(new.rows, new.logits), record)
-                batch = _concat(batch, new)
+                batch = concat(batch, new)
                 if batch is not None:
                     self.bank.prepare([r.spec for r in batch.rows], record)
             if batch is not None:
                 batch = self._decode(batch)
 
-    def _prefill(self, rows: list[_Row], record: bool) -> _Batch:
+    def _prefill(self, rows: list[_Row], record: bool) -> Batch:
         bank, device = self.bank, self.bank.device
         bank.prepare([r.spec for r in rows], record)
         width = max(len(r.req.prompt) for r in rows)
@@ -268,7 +269,7 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         echo = any(r.req.params.echo and r.req.params.logprobs is not None for r in rows)
-        cache = _new_cache(bank.model)
+        cache = new_cache(bank.model)
         out = bank.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
             logits_to_keep=0 if echo else 1, **{self._cache_kw: cache},
@@ -276,21 +277,21 @@ class Engine:
         for i, r in enumerate(rows):
             if r.req.params.echo:
                 _emit(r.req, self._prompt_event(r, out.logits[i] if echo else None, width))
-        return _Batch(rows, cache, mask, positions[:, -1:], out.logits[:, -1].float())
+        return Batch(rows, cache, mask, positions[:, -1:], out.logits[:, -1].float())
 
-    def _narrow(self, batch: _Batch, keep: list[int], record: bool) -> _Batch | None:
+    def _narrow(self, batch: Batch, keep: list[int], record: bool) -> Batch | None:
         """The rows that go on (the plan follows them); None when none does."""
         if not keep:
             return None
         if len(keep) < len(batch.rows):
             idx = torch.tensor(keep, device=batch.mask.device)
             batch.cache.batch_select_indices(idx)
-            batch = _Batch([batch.rows[i] for i in keep], batch.cache, batch.mask[idx],
+            batch = Batch([batch.rows[i] for i in keep], batch.cache, batch.mask[idx],
                            batch.positions[idx], batch.logits[idx])  # fmt: skip
             self.bank.prepare([r.spec for r in batch.rows], record)
         return batch
 
-    def _decode(self, batch: _Batch) -> _Batch:
+    def _decode(self, batch: Batch) -> Batch:
         """One step: every row's last token through the model."""
         self.bank.plan.reset_record()
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], 1)
@@ -300,7 +301,7 @@ class Engine:
             input_ids=step_ids[:, None], attention_mask=mask, position_ids=positions,
             use_cache=True, **{self._cache_kw: batch.cache},
         )  # fmt: skip
-        return _Batch(batch.rows, batch.cache, mask, positions, out.logits[:, -1].float())
+        return Batch(batch.rows, batch.cache, mask, positions, out.logits[:, -1].float())
 
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Choose each row's next token, report it; the indices of rows that go on."""
@@ -361,60 +362,6 @@ class Engine:
             ev.logprobs = [None, *chosen]
             ev.tops = [None] + [dict(zip(*top_logprobs(lp[j], k))) for j in range(len(prompt) - 1)]
         return ev
-
-
-@dataclass
-class _Batch:
-    """The running rows and their state between steps: KV cache, attention mask (as
-    wide as the cache), each row's last position and its next-token logits."""
-
-    rows: list[_Row]
-    cache: Any
-    mask: torch.Tensor
-    positions: torch.Tensor  # [B, 1]
-    logits: torch.Tensor  # [B, V] float32
-
-
-def _joinable(batch: _Batch | None) -> bool:
-    """New rows can join a batch whose cache is plain per-layer keys/values tensors."""
-    if batch is None:
-        return True
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(batch.cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def _concat(a: _Batch | None, b: _Batch | None) -> _Batch | None:
-    """One batch of ``a``'s rows then ``b``'s, both left-padded to the longer cache."""
-    if a is None or b is None:
-        return a if b is None else b
-    width = max(a.mask.shape[1], b.mask.shape[1])
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
-        la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
-    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)])
-    return _Batch(a.rows + b.rows, a.cache, mask, torch.cat([a.positions, b.positions]),
-                  torch.cat([a.logits, b.logits]))  # fmt: skip
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``t`` with zeros in front along ``dim`` up to ``width`` (masked positions)."""
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim)
-
-
-def _new_cache(model: torch.nn.Module) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
 
 
 def _emit(req: Request, ev: Event) -> None:
