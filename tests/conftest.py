@@ -205,6 +205,23 @@ def write_adapter(
     return Path(out_dir)
 
 
+def add_random_retrieval_embeddings(lib, model, seed: int = 1, vectors=None) -> None:
+    """Retrieval routing embeds each expert's training prompts (the toy experts' tasks
+    do not load); random embeddings (or ``vectors``, one per expert in name order) in
+    the library's cache exercise the same path."""
+    from lorashelf.route.retrieval import RetrievalConfig
+    from lorashelf.route.retrieval_store import CACHE_FILE, fingerprint, write_embeddings
+
+    c = RetrievalConfig()
+    fp = fingerprint(model, c.n_prompts, c.prompt_max_length, c.train_split_seed)
+    g = torch.Generator().manual_seed(seed)
+    names = lib.names()
+    if vectors is None:
+        vectors = [torch.randn(model.config.hidden_size, generator=g) for _ in names]
+    embs = {f"{lib.get(n).files['adapter_model.safetensors']}/{fp}": v for n, v in zip(names, vectors)}
+    write_embeddings(lib.path / "cache" / CACHE_FILE, embs)
+
+
 @pytest.fixture(scope="session")
 def kit() -> SimpleNamespace:
     """The helpers above, for tests (conftest modules are not importable by name)."""
@@ -217,6 +234,7 @@ def kit() -> SimpleNamespace:
         random_factors=random_factors,
         peft_lora=peft_lora,
         write_adapter=write_adapter,
+        add_random_retrieval_embeddings=add_random_retrieval_embeddings,
     )
 
 

@@ -26,7 +26,9 @@ are the prompt rows replicated per option) reuses the weights of the prompt it
 continues: each row is matched to a prompt row by its cached layer-0 keys, which are
 exact copies of the prompt's (``reorder_cache`` and beam search copy rows). The extra
 base pass costs one forward per prompt, none per generated token. ``detach()`` of the
-routed model removes the hooks.
+routed model removes the hooks. The server (lorashelf.serve.bank.Bank.retrieve) does
+the same without hooks: it embeds each request's prompt before its prefill and gives
+the row fixed weights, or Arrow over the retrieved experts.
 """
 
 from __future__ import annotations
@@ -254,7 +256,8 @@ class RetrievalRouter(nn.Module):
         self.state.release()
 
 
-def _embeddings(config: RetrievalConfig, ctx: RouterContext) -> torch.Tensor:
+def embeddings_for(config: RetrievalConfig, ctx: RouterContext) -> torch.Tensor:
+    """``[E, hidden]`` raw expert embeddings: ``ctx.extras``' or the library's (cached)."""
     if EXTRAS_KEY in ctx.extras:
         return torch.as_tensor(ctx.extras[EXTRAS_KEY]).float()
     if ctx.library_dir is None:
@@ -283,12 +286,12 @@ def build_retrieval_routers(
     if ctx.model is None:
         raise LorashelfError(
             "retrieval routing embeds each input with the base model; build it with "
-            "build_routed_model(model, ...) (it is not available in `lorashelf serve` yet)"
+            "build_routed_model(model, ...); `lorashelf serve` runs it with its own prompt pass"
         )
     n = len(ctx.experts)
     if n == 0:
         raise LorashelfError("retrieval routing needs at least one expert; the list is empty")
-    embs = _embeddings(config, ctx)
+    embs = embeddings_for(config, ctx)
     if embs.shape[0] != n:
         raise LorashelfError(f"got {embs.shape[0]} retrieval embeddings for {n} experts")
     center = embs.mean(0) if config.center and n > 1 else None

@@ -9,16 +9,25 @@ module, and turns each request's :class:`~lorashelf.serve.compositions.Compositi
 into a :class:`~lorashelf.serve.plan.RowSpec`. Merges (any of lorashelf.merge.registry)
 and routers are built on first use and cached (a few variants each: per-request
 settings, top-k, temperature, subsets); a low-rank merge is attached as a virtual
-expert, a dense one (TIES, DARE, ...) is added as a per-row delta.
-Only the engine's worker thread calls :meth:`prepare` and :meth:`refresh`.
+expert, a dense one (TIES, DARE, ...) is added as a per-row delta. A router that
+rewrites its experts first (Arrow with GenKnowSub: each task expert minus the mean of
+the general-knowledge experts) has the rewritten experts attached as virtual experts
+and routes over those. Retrieval routing picks each request's experts once, from its
+prompt: :meth:`retrieve` embeds the prompts with the plain base model (the plan's
+``off`` switch) as eval's retrieval router does, and turns each row into fixed weights
+over the retrieved experts, or into Arrow among them (``then_arrow``).
+Only the engine's worker thread calls :meth:`prepare`, :meth:`retrieve` and
+:meth:`refresh`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +40,7 @@ from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 
 log = logging.getLogger("lorashelf.serve")
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
+GATED = ("phatgoose", "retrieval")  # listed only where their derived inputs can be had
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,14 @@ class Bank:
         model: nn.Module,
         libraries: Mapping[str, Library],
         lora_dtype: torch.dtype | None = None,
+        *,
+        tokenizer: Any = None,
+        home: Path | None = None,
     ) -> None:
         self.model = model
         self.libraries = dict(libraries)
+        # what retrieval routing embeds the experts' training prompts with
+        self.tokenizer, self.home = tokenizer, home
         p = next(model.parameters())
         self.device = p.device
         # the LoRA branch's precision: the model's (None), or float32 as PEFT computes
@@ -63,9 +78,12 @@ class Bank:
         self._seen = Snapshot({}, {})  # what the libraries listed at the last refresh
         self.unserved: dict[str, str] = {}  # column -> why it is left out (damaged files)
         self.factors: dict[str, dict[str, Any]] = {}  # column name -> {module: LoraFactors}
-        self.virtual: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        # virtual experts: key -> [(column name, {module: LoraFactors})]
+        self.virtual: OrderedDict[Hashable, list[tuple[str, dict[str, Any]]]] = OrderedDict()
         self.columns: dict[str, int] = {}
         self._routers: OrderedDict[Hashable, dict] = OrderedDict()
+        self._rewrites: OrderedDict[Hashable, Any] = OrderedDict()  # routed key -> experts
+        self._retrievers: OrderedDict[Hashable, Any] = OrderedDict()
         self._merges: OrderedDict[Hashable, Any] = OrderedDict()
         self._deltas: OrderedDict[Hashable, dict] = OrderedDict()
         self._handle = None
@@ -125,10 +143,9 @@ class Bank:
         live = {f"{lib}/{n}" for lib, ex in served.items() for n in ex}
         self.factors = {c: f for c, f in self.factors.items() if c in live}
         self._seen, self.snapshot = seen, self._with_gates(served)
-        self.virtual.clear()
-        self._merges.clear()
-        self._routers.clear()
-        self._deltas.clear()
+        for cache in (self.virtual, self._merges, self._routers, self._deltas, self._rewrites,
+                      self._retrievers):  # fmt: skip
+            cache.clear()
         self._attach()
         self._loaded = True
         return True
@@ -141,10 +158,18 @@ class Bank:
             out += [Composition(lib, "expert", (n,)) for n in experts]
             if experts:
                 out += [Composition(lib, k) for k in merge_kinds()]
-                out += [Composition(lib, k) for k in routed_kinds() if k != "phatgoose"]
+                out += [Composition(lib, k) for k in routed_kinds() if k not in GATED]
+            if experts and self._can_retrieve(lib):
+                out.append(Composition(lib, "retrieval"))
             if experts and self.snapshot.gates.get(lib):
                 out.append(Composition(lib, "phatgoose"))
         return out
+
+    def _can_retrieve(self, lib: str) -> bool:
+        """Retrieval needs the experts' embeddings: cached, or made with the tokenizer."""
+        from lorashelf.route.retrieval_store import CACHE_FILE
+
+        return self.tokenizer is not None or (self.libraries[lib].path / "cache" / CACHE_FILE).exists()
 
     def model_ids(self) -> list[str]:
         return [c.model_id() for c in self.compositions()]
@@ -155,8 +180,10 @@ class Bank:
 
         self._detach()
         experts = [(c, f) for c, f in self.factors.items()]
-        experts += [(self._virtual_column(k), f) for k, f in self.virtual.items()]
+        experts += [col for cols in self.virtual.values() for col in cols]
         self.columns = {name: i for i, (name, _) in enumerate(experts)}
+        for key in [k for k in self._routers if self._rewritten(k) is not None]:
+            del self._routers[key]  # their columns may have moved
         if not experts:
             return
         modules = sorted({m for _, f in experts for m in f})
@@ -189,6 +216,22 @@ class Bank:
         kind, lib, subset, settings = key
         name = f"{lib}:{kind}" + (f"[{subset}]" if subset else "")
         return name + ("{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else "")
+
+    @staticmethod
+    def _rewrite_column(key: Hashable, expert: str) -> str:
+        """A rewritten expert's column: ``LIB:arrow{gks=delta,...}/EXPERT``."""
+        kind, lib, _, _, _, settings = key
+        tag = "{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else ""
+        return f"{lib}:{kind}{tag}/{expert}"
+
+    @contextmanager
+    def base_pass(self) -> Iterator[None]:
+        """Forwards inside run the plain base model, whatever the plan's rows."""
+        self.plan.off = True
+        try:
+            yield
+        finally:
+            self.plan.off = False
 
     # ------------------------------------------------------------ requests
     def resolve(self, comp: Composition) -> RowSpec:
@@ -225,12 +268,18 @@ class Bank:
             )
         key = (comp.kind, comp.library, subset, comp.top_k, comp.temperature, comp.settings)
         self._router_config(key)  # bad settings fail here, as the request's 400
+        if comp.kind == "retrieval":
+            return RowSpec(retrieve=key)
+        if self._rewritten(key) is not None:
+            return RowSpec(routed=key, virtual=("rewrite", key))
         return RowSpec(routed=key)
 
     def ready(self, spec: RowSpec) -> None:
         """Build (and cache) the routers or merge delta ``spec`` needs, before its batch
         runs: a damaged derived file (PHATGOOSE gates) then fails only the requests
         that use it, with its LorashelfError, not every row of the batch."""
+        if spec.virtual is not None:
+            self._ensure_virtual([spec.virtual])
         if spec.routed is not None:
             self._cached(self._routers, spec.routed, self._build_routers)
         if spec.dense is not None:
@@ -238,15 +287,8 @@ class Bank:
 
     def prepare(self, specs: Sequence[RowSpec], record: bool) -> None:
         """Make what ``specs`` need (virtual experts, routers, deltas) and set the plan."""
-        missing = [
-            s.virtual for s in specs if s.virtual is not None and s.virtual not in self.virtual
-        ]
-        for key in dict.fromkeys(missing):
-            self.virtual[key] = self._uniform(key)
-            while len(self.virtual) > CACHED_VARIANTS:
-                self.virtual.popitem(last=False)
-        if missing:
-            self._attach()
+        assert all(s.retrieve is None for s in specs), "the engine retrieves before prefill"
+        self._ensure_virtual([s.virtual for s in specs if s.virtual is not None])
         self.plan.set_rows(specs, self.columns, record)
         self.plan.routers = {
             k: self._cached(self._routers, k, self._build_routers) for k, _ in self.plan.routed
@@ -282,9 +324,45 @@ class Bank:
 
         return self._cached(self._merges, key, build)
 
-    def _uniform(self, key: Hashable) -> dict[str, Any]:
-        """A low-rank merge's factors, attached as a virtual expert."""
-        return self._merge(key).modules
+    def _ensure_virtual(self, keys: Sequence[Hashable]) -> None:
+        """Attach the virtual experts of ``keys`` (evicting the oldest others beyond
+        CACHED_VARIANTS, never one of ``keys``)."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.virtual]
+        for key in missing:
+            self.virtual[key] = self._virtual_experts(key)
+        old = [k for k in self.virtual if k not in set(keys)]
+        while len(self.virtual) > CACHED_VARIANTS and old:
+            del self.virtual[old.pop(0)]
+        if missing:
+            self._attach()
+
+    def _virtual_experts(self, key: Hashable) -> list[tuple[str, dict[str, Any]]]:
+        """A low-rank merge's factors as one column, or a router's rewritten experts."""
+        if key[0] == "rewrite":
+            experts, _ = self._rewritten(key[1])
+            return [(self._rewrite_column(key[1], n), fs) for n, fs in experts]
+        return [(self._virtual_column(key), self._merge(key).modules)]
+
+    def _rewritten(self, key: Hashable) -> tuple[list, list[str] | None] | None:
+        """The experts (and checksums) router ``key`` routes over if its method rewrites
+        them (GenKnowSub); None when it routes over the library's experts as they are."""
+        from lorashelf.route import ROUTERS
+
+        def build(key: Hashable) -> Any:
+            spec = ROUTERS.get(key[0])
+            if spec.experts is None:
+                return None
+            experts, sums = self._library_experts(key)
+            rewritten = spec.experts(self._router_config(key), experts, sums)
+            return None if rewritten[0] is experts else rewritten
+
+        return self._cached(self._rewrites, key, build)
+
+    def _library_experts(self, key: Hashable) -> tuple[list, list[str]]:
+        _, lib, subset, *_ = key
+        names = self._members(lib, subset)
+        experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
+        return experts, [self.snapshot.experts[lib][n] for n in names]
 
     def _build_delta(self, key: Hashable) -> dict[str, torch.Tensor]:
         merged = self._merge(key)
@@ -300,30 +378,35 @@ class Bank:
         fields = dict(settings)
         check_settings([method], fields)
         names = self._members(lib, subset)
-        default = method.config_cls().top_k
-        fields["top_k"] = min(top_k or default, len(names))
-        if kind == "arrow":
+        # the request's top-level top_k / temperature, else its settings', else the default
+        fields["top_k"] = min(top_k or fields.get("top_k") or method.config_cls().top_k, len(names))
+        if kind == "arrow" and (temp != 1.0 or "temperature" not in fields):
             fields["temperature"] = temp
         if kind == "phatgoose":
             from lorashelf.route.gate_store import gates_dir
 
             fields["gates_dir"] = str(gates_dir(self.libraries[lib].path))
         config = make_config(method, fields)
-        if getattr(config, "gks", "none") != "none":
+        if getattr(config, "mix", "output") != "output":
             raise LorashelfError(
-                "GenKnowSub (gks) rewrites the routed experts, which the server does not "
-                "attach yet; evaluate it with `lorashelf eval LIB --method arrow --set gks=...`"
+                f"the server mixes the experts' outputs; mix={config.mix!r} (parameter "
+                f"mixing) is not served: evaluate it with `lorashelf eval LIB --method {kind} "
+                f"--set mix={config.mix}`, or drop the setting"
             )
         return config
 
     def _build_routers(self, key: Hashable) -> dict[str, tuple[Any, torch.Tensor]]:
         from lorashelf.route import ROUTERS, RouterContext
 
-        kind, lib, subset, *_ = key
-        names = self._members(lib, subset)
-        experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
+        kind, lib, *_ = key
+        rewritten = self._rewritten(key)
+        if rewritten is None:
+            experts, sums = self._library_experts(key)
+            columns = {n: f"{lib}/{n}" for n, _ in experts}
+        else:
+            experts, sums = rewritten
+            columns = {n: self._rewrite_column(key, n) for n, _ in experts}
         spec = ROUTERS.get(kind)
-        sums = [self.snapshot.experts[lib][n] for n in names]
         library = self.libraries[lib]
         ctx = RouterContext(
             experts, checksums=sums, cache_dir=library.path / "cache", device=self.device
@@ -333,12 +416,71 @@ class Bank:
         for m, router in routers.items():
             layer = self._handle.layers[m]
             position = {int(c): j for j, c in enumerate(layer.members.tolist())}
-            present = [n for n in names if m in self.factors[f"{lib}/{n}"]]
-            cols = [position[self.columns[f"{lib}/{n}"]] for n in present]
+            present = [n for n, fs in experts if m in fs]
+            cols = [position[self.columns[columns[n]]] for n in present]
             if isinstance(router, nn.Module):
                 router.to(self.device)
             out[m] = (router, torch.tensor(cols, device=self.device))
         return out
+
+    # ------------------------------------------------------------ retrieval
+    def retrieve(self, key: Hashable, prompts: Sequence[Sequence[int]]) -> list[RowSpec]:
+        """The rows of retrieval router ``key`` for ``prompts`` (token ids): each prompt
+        embedded by the base model (its last hidden states mean-pooled, as eval's
+        retrieval router does) and matched to the experts' embeddings; the row gets the
+        top-k experts' weights, or Arrow among them with ``then_arrow``."""
+        from lorashelf.route.retrieval import sequence_weights
+
+        lib = key[1]
+        names, embs, center, c = self._cached(self._retrievers, key, self._build_retriever)
+        weights = sequence_weights(
+            self._embed(prompts), embs, center, c.top_k, c.weighting, c.temperature
+        )
+        rows = []
+        for w in weights.tolist():
+            chosen = [(n, x) for n, x in zip(names, w) if x > 0]
+            if c.then_arrow:
+                subset = tuple(sorted(n for n, _ in chosen))
+                arrow = ("arrow", lib, subset, c.arrow_top_k, c.arrow_temperature, ())
+                rows.append(RowSpec(routed=arrow))
+            else:
+                rows.append(RowSpec(fixed=tuple((f"{lib}/{n}", x) for n, x in chosen)))
+        return rows
+
+    def _build_retriever(self, key: Hashable) -> tuple[list[str], torch.Tensor, Any, Any]:
+        from lorashelf.route import RouterContext
+        from lorashelf.route.retrieval import embeddings_for
+
+        config = self._router_config(key)
+        experts, sums = self._library_experts(key)
+        library = self.libraries[key[1]]
+        ctx = RouterContext(
+            experts, checksums=sums, cache_dir=library.path / "cache", device=self.device,
+            library_dir=library.path, model=self.model, tokenizer=self.tokenizer, home=self.home,
+        )  # fmt: skip
+        with self.base_pass():
+            embs = embeddings_for(config, ctx).to(self.device)
+        center = embs.mean(0) if config.center and len(experts) > 1 else None
+        return [n for n, _ in experts], embs, center, config
+
+    def _embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[len(prompts), hidden]``: the base model's last hidden states, mean-pooled."""
+        from lorashelf.models.embed import masked_mean
+        from lorashelf.models.lm import backbone_and_head
+
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, positions counting real tokens
+            ids[i, width - len(p) :] = torch.tensor(list(p))
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        backbone, _ = backbone_and_head(self.model)
+        with self.base_pass():
+            out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           use_cache=False)  # fmt: skip
+        return masked_mean(out.last_hidden_state, mask)
 
     def expert_label(self, column: int) -> str:
         """The column's name as a user sees it (``LIB/EXPERT`` or a virtual expert)."""

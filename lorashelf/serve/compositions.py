@@ -4,15 +4,14 @@ A composition is the base model, one expert (a trained, imported or LoraHub-comp
 one: they are all experts of the library), an explicit weighting of experts (LoRAX's
 per-request linear merge: the experts' outputs weighted), any weight-space merge of
 lorashelf.merge.registry (``uniform``, ``ties``, ``dare-ties``, ``wudi``, ...), or
-per-token routing by a router of lorashelf.route.registry (``arrow``, ``phatgoose``),
-optionally over a subset of experts, with the method's own options (``settings``:
+per-token routing by a router of lorashelf.route.registry (``arrow``, ``phatgoose``,
+``retrieval``: experts picked per request from its prompt), optionally over a subset of experts, with the method's own options (``settings``:
 fields of its options dataclass, as ``eval --set`` takes them).
 
 Model ids name them (``LIB``, ``LIB/EXPERT``, ``LIB:METHOD`` for every merge and
 router); ``lorashelf generate --method`` and the request body's ``lorashelf`` object
 (what the ``openai`` client sends as ``extra_body``) use eval's method names plus
-``weights:NAME=0.7,NAME=0.3``. Routers that need a pass over the whole prompt before
-routing (retrieval) are not served yet; they are refused with a pointer to ``eval``.
+``weights:NAME=0.7,NAME=0.3``.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from lorashelf.errors import LorashelfError, did_you_mean
 
 OWN_KINDS = ("base", "expert", "weights")
 OPTIONS = ("method", "top_k", "temperature", "experts", "weights", "merge", "density", "settings")
-# routers the batched server cannot run: they route on a pass over the whole prompt
-NOT_SERVED = {"retrieval": "it embeds the whole prompt before routing"}
 
 
 def merge_kinds() -> list[str]:
@@ -40,7 +37,7 @@ def merge_kinds() -> list[str]:
 def routed_kinds() -> list[str]:
     from lorashelf.route.registry import ROUTERS
 
-    return [n for n in ROUTERS.names() if n not in NOT_SERVED]
+    return ROUTERS.names()
 
 
 def kinds() -> list[str]:
@@ -75,12 +72,6 @@ class Composition:
     settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind in NOT_SERVED:
-            raise LorashelfError(
-                f"{self.kind} routing is not served ({NOT_SERVED[self.kind]}, which the "
-                f"batched server does not run yet); evaluate it with `lorashelf eval LIB "
-                f"--method {self.kind}`, or serve arrow"
-            )
         if self.kind not in kinds():
             raise LorashelfError(
                 f"unknown method {self.kind!r}{did_you_mean(self.kind, kinds())}; use one of "
@@ -147,7 +138,7 @@ def parse_method(library: str, method: str) -> Composition:
         if not pairs or any(not sep for _, sep, _ in pairs):
             raise LorashelfError(f"bad weights {arg!r}: use weights:NAME=0.7,NAME=0.3")
         return Composition(library, "weights", tuple(n for n, _, _ in pairs), weights)
-    if arg or (kind not in kinds() and kind not in NOT_SERVED):
+    if arg or kind not in kinds():
         known = ["expert:NAME", "weights:NAME=W,...", *merge_kinds(), *routed_kinds()]
         raise LorashelfError(
             f"unknown method {method!r}{did_you_mean(kind, kinds())}; use base, {', '.join(known)}"

@@ -11,7 +11,9 @@ away is dropped from the cache and the plan, so the others do not pay for it.
 Batching is continuous (Orca, Yu et al. OSDI 2022; vLLM): between two decode steps,
 requests that arrived meanwhile are prefilled on their own and join the running
 batch, their KV cache and mask left-padded to its length, so a request never waits
-for a whole batch to finish. The library is re-read between batches, never under a
+for a whole batch to finish. A retrieval request's experts are picked from its prompt when it
+is admitted (the bank embeds the prompts with the base model), so it then runs as a
+fixed weighting, or Arrow over the retrieved experts. The library is re-read between batches, never under a
 running one (no request joins while a reload waits).
 """
 
@@ -187,12 +189,12 @@ class Engine:
     def run_batch(self, batch: list[Request]) -> None:
         """Run ``batch`` to the end (admitting waiting requests as rows finish); every
         request gets its events (errors included)."""
-        rows = self._admit(batch)
-        if not rows:
-            return
+        rows: list[_Row] = []
         try:
             with self.lock, torch.inference_mode():
-                self._generate(rows)
+                rows += self._admit(batch)
+                if rows:
+                    self._generate(rows)
         except Exception as e:  # never let one batch kill the worker
             log.exception("a batch failed")
             for row in rows:
@@ -200,25 +202,47 @@ class Engine:
                     _emit(row.req, Event("error", text=f"generation failed: {e}", status=500))
 
     def _admit(self, batch: list[Request]) -> list[_Row]:
-        rows = []
+        """The rows of ``batch``'s requests; a request that cannot run gets its error
+        event (404 unknown model, 400 bad options, 500 a server-side failure)."""
+        resolved: list[tuple[Request, Any]] = []
         for req in batch:
             if req.cancelled:
                 continue
             try:
-                spec = self.bank.resolve(req.composition)
+                resolved.append((req, self.bank.resolve(req.composition)))
             except UnknownModel as e:
                 _emit(req, Event("error", text=str(e), status=404))
-                continue
             except LorashelfError as e:
                 _emit(req, Event("error", text=str(e), status=400))
-                continue
+        resolved = self._retrieve(resolved)
+        rows = []
+        for req, spec in resolved:
             try:
                 self.bank.ready(spec)  # e.g. damaged gates: this request fails, not the batch
-            except LorashelfError as e:
-                _emit(req, Event("error", text=str(e), status=500))
+            except Exception as e:
+                _emit(req, Event("error", text=_failure(e), status=500))
                 continue
             rows.append(_Row(req, spec, self.tokenizer))
         return rows
+
+    def _retrieve(self, resolved: list[tuple[Request, Any]]) -> list[tuple[Request, Any]]:
+        """Retrieval rows' experts, picked from their prompts (one base pass per router)."""
+        groups: dict[Any, list[int]] = {}
+        for i, (_, spec) in enumerate(resolved):
+            if spec.retrieve is not None:
+                groups.setdefault(spec.retrieve, []).append(i)
+        failed = set()
+        for key, idx in groups.items():
+            try:
+                specs = self.bank.retrieve(key, [resolved[i][0].prompt for i in idx])
+            except Exception as e:  # e.g. the experts' training data is not in the home
+                for i in idx:
+                    _emit(resolved[i][0], Event("error", text=_failure(e), status=500))
+                failed.update(idx)
+                continue
+            for i, spec in zip(idx, specs):
+                resolved[i] = (resolved[i][0], spec)
+        return [r for i, r in enumerate(resolved) if i not in failed]
 
     def _waiting(self, room: int) -> list[Request]:
         """Requests already queued, up to ``room`` (none while a reload is pending: the
@@ -362,6 +386,12 @@ class Engine:
             ev.logprobs = [None, *chosen]
             ev.tops = [None] + [dict(zip(*top_logprobs(lp[j], k))) for j in range(len(prompt) - 1)]
         return ev
+
+
+def _failure(e: Exception) -> str:
+    if not isinstance(e, LorashelfError):
+        log.exception("preparing a request failed")
+    return str(e) if isinstance(e, LorashelfError) else f"preparing the request failed: {e}"
 
 
 def _emit(req: Request, ev: Event) -> None:

@@ -62,4 +62,5 @@ def load_bank(
     name = model or next(iter(libraries.values())).base_model
     base = load_base(name, home=home, dtype=resolve_dtype(dtype, device), device=device)
     lora = None if lora_dtype == "model" else resolve_dtype(lora_dtype, device)
-    return Bank(base.model, libraries, lora_dtype=lora), base.tokenizer
+    bank = Bank(base.model, libraries, lora_dtype=lora, tokenizer=base.tokenizer, home=home)
+    return bank, base.tokenizer

@@ -32,7 +32,12 @@ class RowSpec:
     fixed: tuple[tuple[str, float], ...] = ()  # (column name, weight); empty: base
     routed: Hashable | None = None  # key of a router group (see Bank.routers_for)
     dense: Hashable | None = None  # key of a dense merge delta (see Bank.deltas_for)
-    virtual: Hashable | None = None  # key of the virtual expert this row needs attached
+    # key of the virtual experts this row needs attached (a low-rank merge, or the
+    # experts a router rewrites, e.g. GenKnowSub's)
+    virtual: Hashable | None = None
+    # key of a retrieval router: the engine embeds the row's prompt and the bank turns
+    # the row into fixed weights (or Arrow among the retrieved experts) before prefill
+    retrieve: Hashable | None = None
 
 
 @dataclass
@@ -47,6 +52,7 @@ class BatchPlan:
     deltas: dict[Hashable, dict[str, torch.Tensor]] = field(default_factory=dict)
     record: torch.Tensor | None = None  # [B, E_total]: summed last-position weights
     recorded: int = 0  # module calls summed into ``record`` since the last reset
+    off: bool = False  # the plain base model, whatever the batch (see Bank.base_pass)
 
     def set_rows(self, specs: Sequence[RowSpec], columns: dict[str, int], record: bool) -> None:
         """Lay ``specs`` out as tensors (routers and deltas are set by the bank)."""
@@ -90,6 +96,8 @@ class BatchRouter:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
+        if plan.off:
+            return x.new_zeros(*x.shape[:-1], self.members.numel())
         assert plan.fixed is not None, "the engine sets the plan before each forward"
         fixed = plan.fixed.index_select(1, self.members).to(x.dtype)  # [B, E_m]
         w = fixed.view(fixed.shape[0], *([1] * (x.dim() - 2)), -1).expand(*x.shape[:-1], -1)
@@ -130,6 +138,8 @@ class DeltaLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
+        if self.plan.off:
+            return y
         for key, rows in self.plan.dense:
             delta = self.plan.deltas[key].get(self.module)
             if delta is not None:

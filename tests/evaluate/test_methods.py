@@ -43,34 +43,17 @@ def add_random_gates(lib) -> None:
         save_gates(gates_dir(lib.path), adapter_checksum(exp), gates, {"test": True})
 
 
-def add_random_retrieval_embeddings(lib, model) -> None:
-    """Retrieval routing embeds each expert's training prompts (the toy experts' tasks
-    do not load); random embeddings in its cache exercise the same routing path."""
-    from lorashelf.route.retrieval import RetrievalConfig
-    from lorashelf.route.retrieval_store import CACHE_FILE, fingerprint, write_embeddings
-
-    c = RetrievalConfig()
-    fp = fingerprint(model, c.n_prompts, c.prompt_max_length, c.train_split_seed)
-    g = torch.Generator().manual_seed(1)
-    embs = {
-        f"{lib.get(n).files['adapter_model.safetensors']}/{fp}": torch.randn(
-            model.config.hidden_size, generator=g
-        )
-        for n in lib.names()
-    }
-    write_embeddings(lib.path / "cache" / CACHE_FILE, embs)
-
-
 SPECS = {"expert": ["expert:beta"], "best-expert": ["best-expert:test", "best-expert:shots"]}
 
 
 @pytest.mark.parametrize("method", [s for m in method_names() for s in SPECS.get(m, [m])])
-def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer):
+def test_every_method_evaluates_and_restores(method, tiny_library, tiny_model, tiny_tokenizer,
+                                            kit):  # fmt: skip
     import copy
 
     lib = tiny_library(EXPERTS)
     add_random_gates(lib)
-    add_random_retrieval_embeddings(lib, tiny_model)
+    kit.add_random_retrieval_embeddings(lib, tiny_model)
     model = copy.deepcopy(tiny_model)
     before = logits(model, tiny_tokenizer)
     cfg = EvalConfig(split="all", batch_size=4)

@@ -30,7 +30,7 @@ def served(tiny_library, tiny_model, tiny_tokenizer):
     from lorashelf.serve.engine import Engine
 
     lib = tiny_library(EXPERTS)
-    bank = Bank(copy.deepcopy(tiny_model), {"lib": lib})
+    bank = Bank(copy.deepcopy(tiny_model), {"lib": lib}, tokenizer=tiny_tokenizer)
     engine = Engine(bank, tiny_tokenizer, max_batch=8)
     yield SimpleNamespace(library=lib, bank=bank, engine=engine, tokenizer=tiny_tokenizer)
     bank.close()

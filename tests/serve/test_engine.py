@@ -246,16 +246,68 @@ def test_merge_settings_match_eval_set(served, serve_kit, tiny_model, tiny_token
     assert serve_kit.tokens(ours) != serve_kit.tokens(default) or method == "core-space"
 
 
-def test_bad_settings_and_unserved_routers_are_refused(served, serve_kit):
-    from lorashelf.errors import LorashelfError
+def test_bad_settings_are_refused(served, serve_kit):
     from lorashelf.serve.compositions import parse_method, with_options
 
-    (events,) = serve_kit.complete(served.engine, [(PROMPTS[0], with_options(
-        parse_method("lib", "ties"), {"settings": {"densty": 0.5}}), GREEDY)])  # fmt: skip
-    assert events[-1].kind == "error" and events[-1].status == 400
-    assert "did you mean: density" in events[-1].text
-    with pytest.raises(LorashelfError, match="retrieval routing is not served"):
-        parse_method("lib", "retrieval")
-    (gks,) = serve_kit.complete(served.engine, [(PROMPTS[0], with_options(
-        parse_method("lib", "arrow"), {"settings": {"gks": "peft"}}), GREEDY)])  # fmt: skip
-    assert gks[-1].kind == "error" and "GenKnowSub" in gks[-1].text
+    def run(method, settings):
+        comp = with_options(parse_method("lib", method), {"settings": settings})
+        (events,) = serve_kit.complete(served.engine, [(PROMPTS[0], comp, GREEDY)])
+        return events[-1]
+
+    bad = run("ties", {"densty": 0.5})
+    assert bad.kind == "error" and bad.status == 400 and "did you mean: density" in bad.text
+    params = run("arrow", {"mix": "params"})  # the server mixes outputs only
+    assert params.kind == "error" and params.status == 400 and "mix='params'" in params.text
+    gks = run("arrow", {"gks": "delta"})  # no general experts named
+    assert gks.kind == "error" and gks.status == 400 and "gks_experts" in gks.text
+    assert run("arrow", {"top_k": 1}).kind == "done"
+
+
+def _eval_greedy(method, library, model, tokenizer, settings, prompts, n=6):
+    prepared = prepare(method, copy.deepcopy(model), MethodContext(library, tokenizer=tokenizer),
+                       settings)  # fmt: skip
+    try:
+        return [_hf_greedy(prepared.model, tokenizer, p, n) for p in prompts]
+    finally:
+        prepared.close()
+
+
+@pytest.mark.parametrize("settings", [{"top_k": 1}, {"top_k": 2, "weighting": "softmax"},
+                                      {"top_k": 2, "then_arrow": True}])  # fmt: skip
+def test_retrieval_matches_eval(served, serve_kit, tiny_model, tiny_tokenizer, kit, settings):
+    """Served retrieval picks each request's experts from its own prompt, in a mixed
+    batch, and generates what eval's retrieval router (hooks on the model) generates."""
+    from lorashelf.serve.compositions import parse_method, with_options
+
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    # expert i's embedding is prompt i's (names sort as alpha, beta, gamma)
+    kit.add_random_retrieval_embeddings(served.library, tiny_model,
+                                        vectors=list(served.bank._embed(prompts)))  # fmt: skip
+    comp = with_options(parse_method("lib", "retrieval"), {"settings": settings})
+    params = SamplingParams(max_tokens=6)
+    others = [(PROMPTS[0], C("lib", "expert", ("beta",)), params), (PROMPTS[1], C("lib"), params)]
+    ours = serve_kit.complete(served.engine, [(p, comp, params) for p in PROMPTS] + others)
+    ref = _eval_greedy("retrieval", served.library, tiny_model, tiny_tokenizer, settings, PROMPTS)
+    assert [serve_kit.tokens(e) for e in ours[: len(PROMPTS)]] == ref
+    # the prompts pick different experts (else a per-library choice would pass too)
+    key = served.bank.resolve(comp).retrieve
+    picked = {spec.fixed or spec.routed for spec in served.bank.retrieve(key, prompts)}
+    assert len(picked) > 1
+
+
+@pytest.mark.parametrize("variant", ["delta", "peft"])
+def test_genknowsub_matches_eval(served, serve_kit, tiny_model, tiny_tokenizer, variant):
+    """Arrow with GenKnowSub: the rewritten experts are served as virtual experts, and
+    the tokens equal eval's; the general expert itself is never routed to."""
+    from lorashelf.serve.compositions import parse_method, with_options
+
+    settings = {"gks": variant, "gks_experts": "gamma", "top_k": 1}
+    comp = with_options(parse_method("lib", "arrow"), {"settings": settings})
+    params = SamplingParams(max_tokens=6)
+    jobs = [(p, comp, params) for p in PROMPTS[:2]] + [(PROMPTS[2], C("lib", "uniform"), params)]
+    ours = serve_kit.complete(served.engine, jobs, return_routing=True)
+    ref = _eval_greedy("arrow", served.library, tiny_model, tiny_tokenizer, settings, PROMPTS[:2])
+    assert [serve_kit.tokens(e) for e in ours[:2]] == ref
+    routed = {n for e in ours[0] + ours[1] if e.kind == "token" for n, _ in e.routing}
+    assert routed and all(n.startswith("lib:arrow{") and "gks=" in n for n in routed), routed
+    assert not any(n.endswith("/gamma") for n in routed)
