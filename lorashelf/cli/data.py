@@ -1,4 +1,5 @@
-"""``lorashelf data pull|ls|show``: fetch BIG-bench, list tasks, look at examples."""
+"""``lorashelf data pull|ls|show|text``: fetch BIG-bench, list tasks, look at examples,
+make a plain-text corpus (what general-knowledge experts for GenKnowSub train on)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lorashelf.cli.convention import add_json_arg, emit_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="tasks: pull, ls, show")
+    p = sub.add_parser("data", help="tasks: pull, ls, show, text")
     verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
 
     pull = verbs.add_parser("pull", help="download and unpack a task collection")
@@ -39,6 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--split", default="test", help="train, valid, test or all")
     show.add_argument("--seed", type=int, default=0, help="split seed")
     show.set_defaults(func=cmd_show, needs_runtime=False)
+
+    text = verbs.add_parser(
+        "text",
+        help="a plain-text JSONL from tasks' inputs (to train general-knowledge experts on)",
+        description="Write tasks' input texts as {\"input\": \"\", \"target\": TEXT} rows: "
+        "train a GenKnowSub general expert on it with `lorashelf train LIB --tasks "
+        "jsonl:OUT --name general`.",
+    )
+    text.add_argument("--tasks", required=True, help="comma-separated task ids")
+    text.add_argument("--out", type=Path, required=True, help="the .jsonl to write")
+    text.add_argument("--max", type=positive_int, default=500, help="at most N texts (500)")
+    text.add_argument("--max-chars", type=positive_int, default=1200,
+                      help="cut each text to this many characters (1200)")  # fmt: skip
+    text.add_argument("--split", default="train", help="train (default), valid, test or all")
+    text.add_argument("--seed", type=int, default=0, help="split seed")
+    text.set_defaults(func=cmd_text, needs_runtime=False)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -99,4 +116,16 @@ def cmd_show(args: argparse.Namespace) -> int:
             gold = (j == ex.answer) if ex.is_mc else True
             body.append(f"\n{'*' if gold else ' '} {a!r}", style="green" if gold else "")
         console.print(Panel(body, title=f"{args.split} example {i}", title_align="left"))
+    return 0
+
+
+def cmd_text(args: argparse.Namespace) -> int:
+    from lorashelf.data.text import plain_texts, write_text_corpus
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    texts = plain_texts(tasks, args.home, n=args.max, max_chars=args.max_chars,
+                        split=args.split, seed=args.seed)  # fmt: skip
+    path = write_text_corpus(args.out, texts)
+    chars = sum(len(t) for t, _ in texts)
+    print(f"{len(texts)} texts ({chars:,} characters) from {', '.join(tasks)} -> {path}")
     return 0

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--method",
         default="base",
-        help="base, expert:NAME, weights:NAME=0.7,NAME=0.3, uniform, ties, arrow, phatgoose",
+        help="base, expert:NAME, weights:NAME=0.7,NAME=0.3, any merge (uniform, ties, dare-ties, ...), arrow, phatgoose, retrieval",
     )
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="the prompt text")

@@ -74,7 +74,7 @@ def cat_search(
             W, lambda: scorer.routed_loss()[0], config, desc="cat", progress=progress
         ):
             loss = float(objective.detach())
-            trace.append({"eval": step, "generation": step, "loss": loss, "ce": float(ce)})
+            trace.append({"eval": step, "generation": step, "loss": loss, "ce": float(ce.detach())})
             if best is None or loss < best[0]:
                 best = (loss, W.detach().clone())
     assert best is not None

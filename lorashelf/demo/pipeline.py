@@ -12,15 +12,20 @@ whose results file exists is not run again. Stages:
 5. evaluate the methods of Ostapenko et al. on the held-out tasks;
 6. evaluate every other registered merge and router on the private library, with the
    best-single-expert baselines, in one ``eval`` (one model load);
-7. few-shot: LoraHub and every other few-shot method of ``fewshot``, over seeds;
-8. write ``report.md`` and ``report.html``.
+7. GenKnowSub: a general-knowledge expert trained on plain text (``data text`` over
+   the suite's ``general`` tasks) into a copy of the private library, then Arrow with
+   its mean subtracted, in PEFT's variant and the exact one;
+8. few-shot: LoraHub and every other few-shot method of ``fewshot``, over seeds;
+9. write ``report.md`` and ``report.html``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +57,11 @@ BASELINES = (
 # SmolLM2 experts on this CPU, longer than every other merge together. The demo takes
 # 30 steps at lr 1e-4 (the same largest move per entry, 3e-3) and says so in the label.
 CHEAP = {"wudi": {"steps": 30, "lr": 1e-4}}
+# GenKnowSub (Arrow over the experts minus a general-knowledge expert's update) in both
+# variants, on a copy of the private library plus that expert (so every other method
+# keeps the private library as it is)
+GENERAL_LIBRARY = "private+general"
+GKS_VARIANTS = ("delta", "peft")
 FEWSHOT_NAMES = {"lorahub": "LoraHub", "gradient": "gradient", "cat": "CAT", "icl": "ICL",
                  "lora": "LoRA on the shots"}  # fmt: skip
 
@@ -74,6 +84,13 @@ def more_methods(suite: Suite) -> list[tuple[str, str]]:
     return out if keep is None else [(label, m) for label, m in out if m in keep]
 
 
+def gks_rows(suite: Suite) -> list[tuple[str, str]]:
+    """(label, variant) of the GenKnowSub rows a suite with ``general`` tasks runs."""
+    if not suite.general:
+        return []
+    return [(f"private + Arrow + GenKnowSub ({v})", v) for v in GKS_VARIANTS]
+
+
 def fewshot_methods(suite: Suite) -> list[str]:
     """Every few-shot method of ``fewshot`` that uses the shots (zero-shot is ``base``),
     or the suite's ``fewshot_methods``."""
@@ -94,6 +111,8 @@ class Demo:
     run_cli: Callable[[list[str]], int]
     console: Console = field(default_factory=Console)
     timings: dict[str, float] = field(default_factory=dict)
+    all_runs: dict[str, float] = field(default_factory=dict)  # summed over resumed runs
+    runs: int = 0  # runs into this directory (timings.json)
     commands: list[str] = field(default_factory=list)
 
     def lorashelf(self, *argv: str) -> None:
@@ -187,6 +206,39 @@ class Demo:
             self.results_file(label).write_text(json.dumps(entries[method], indent=2))
         both.unlink()
 
+    def genknowsub(self) -> None:
+        """A general-knowledge expert on plain text (``data text`` over the suite's
+        ``general`` tasks), trained into a copy of the private library, then Arrow with
+        GenKnowSub in both variants on that copy."""
+        s = self.suite
+        todo = [(label, v) for label, v in gks_rows(s) if not self.results_file(label).exists()]
+        if not todo:
+            self.console.print("[dim]GenKnowSub: results exist (or not in this suite), skipped[/dim]")
+            return
+        corpus = self.out / "general.jsonl"
+        if not corpus.exists():
+            self.lorashelf("data", "text", "--tasks", ",".join(s.general["tasks"]),
+                           "--max", str(s.general.get("texts", 300)),
+                           "--max-chars", str(s.general.get("max_chars", 1200)), "--out", corpus)  # fmt: skip
+        lib = self.out / GENERAL_LIBRARY
+        if not lib.exists():  # copied whole, then renamed: a crash never leaves half of it
+            tmp = lib.with_name(lib.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.out / "private", tmp)
+            os.replace(tmp, lib)
+            self.console.print(f"[dim]copied {self.out / 'private'} to {lib}[/dim]")
+        from lorashelf.library import Library
+
+        with Library.open(lib) as opened:  # the general expert is shaped like the others
+            shape = ["--target-modules", ",".join(opened.target_modules)] if opened.target_modules else []
+            shape += ["--rank", str(opened.rank)] if opened.rank is not None else []
+        self.lorashelf("train", lib, "--tasks", f"jsonl:{corpus}", "--name", "general",
+                       *self.train_opts(), *shape)  # fmt: skip
+        for label, variant in todo:
+            self.lorashelf("eval", lib, "--tasks", ",".join(s.heldout), "--limit", str(s.eval_limit),
+                           "--method", "arrow", "--set", f"gks={variant}",
+                           "--set", "gks_experts=general", "--json", self.results_file(label))  # fmt: skip
+
     def fewshot(self) -> None:
         out, s = self.results_file("fewshot"), self.suite
         if out.exists() or not fewshot_methods(s):
@@ -205,6 +257,7 @@ class Demo:
         self.stage("train PHATGOOSE gates", self.gates)
         self.stage("evaluate on held-out tasks", self.evaluate)
         self.stage("every other merge and router, best single expert", self.evaluate_more)
+        self.stage("GenKnowSub: a general-knowledge expert, then Arrow", self.genknowsub)
         self.stage("few-shot methods", self.fewshot)
         self.console.print(
             f"serve what it built: lorashelf serve {self.out / 'private'} {self.out / 'mbc'}"
@@ -212,8 +265,9 @@ class Demo:
         )
         timings = self.out / "timings.json"
         previous = json.loads(timings.read_text()) if timings.exists() else {}
-        timings.write_text(
-            json.dumps(
-                {"last_run": self.timings, "previous": previous.get("last_run", {})}, indent=2
-            )
-        )
+        total = dict(previous.get("all_runs", {}))
+        for stage, seconds in self.timings.items():
+            total[stage] = total.get(stage, 0.0) + seconds
+        self.all_runs, self.runs = total, int(previous.get("runs", 0)) + 1
+        timings.write_text(json.dumps({"last_run": self.timings, "all_runs": total,
+                                       "runs": self.runs}, indent=2))  # fmt: skip

@@ -11,7 +11,15 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from lorashelf.demo.pipeline import EVALS, FEWSHOT_NAMES, Demo, fewshot_methods, more_methods
+from lorashelf.demo.pipeline import (
+    EVALS,
+    FEWSHOT_NAMES,
+    GENERAL_LIBRARY,
+    Demo,
+    fewshot_methods,
+    gks_rows,
+    more_methods,
+)
 from lorashelf.demo.sentences import Row, methods_text
 from lorashelf.evaluate.plots import loss_curves, method_bars, weight_heatmap
 from lorashelf.evaluate.report import Report, Section, write_report
@@ -24,6 +32,7 @@ def collect_rows(demo: Demo) -> list[Row]:
     al., every other merge and router, the best-expert baselines, the few-shot methods."""
     planned = [(label, lib, m) for label, lib, m in EVALS]
     planned += [(label, "private", m) for label, m in more_methods(demo.suite)]
+    planned += [(label, GENERAL_LIBRARY, f"gks:{v}") for label, v in gks_rows(demo.suite)]
     rows = []
     for label, lib, method in planned:
         path = demo.results_file(label)
@@ -36,7 +45,8 @@ def collect_rows(demo: Demo) -> list[Row]:
         s = demo.suite
         for name in fewshot_methods(demo.suite):
             if name in entries:
-                label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot (mean of {s.seeds} seeds)"
+                draws = f"mean of {s.seeds} seeds" if s.seeds > 1 else "one draw of shots"
+                label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot ({draws})"
                 result = result_from_json(entries[name], method=label)
                 rows.append(Row(label, f"fewshot:{name}", "private", result))
     return rows
@@ -128,6 +138,9 @@ def build_report(demo: Demo, command: str, versions: dict[str, str]) -> tuple[Pa
         f"Machine: {platform.processor() or platform.machine()}, accuracy and gold NLL from this run."
     )
     report = Report(title="lorashelf demo report", intro=intro, results=results, sections=sections,
-                    command=command, versions=versions, timings=demo.timings,
+                    command=command, versions=versions, timings=demo.all_runs or demo.timings,
+                    timings_note=(f"Summed over the {demo.runs} runs into this directory (a stopped "
+                                  "run resumes; finished work is not redone)."
+                                  if demo.runs > 1 else ""),
                     methods_in_rows=True)  # fmt: skip
     return write_report(report, demo.out)

@@ -19,6 +19,12 @@ OWN = {
     "base": "the base model alone",
     "expert:shared": "one expert trained jointly on all training tasks (multi-task)",
 }
+GKS = {
+    "delta": "Arrow over each expert minus the update of a general-knowledge expert trained "
+    "on plain text (GenKnowSub, exact variant: s B A - s_g B_g A_g)",
+    "peft": "Arrow over each expert minus a general-knowledge expert trained on plain text "
+    "(GenKnowSub, PEFT's variant: A - A_g and B - B_g apart)",
+}
 CLUSTERED = "MBC clusters the private experts by similarity and trains one expert per cluster; "
 
 
@@ -37,6 +43,8 @@ def describe(spec: str, library: str | None) -> str:
     """What the method does, in one line (from its registry's summary)."""
     if spec in OWN:
         return OWN[spec]
+    if spec.startswith("gks:"):
+        return GKS[spec.split(":", 1)[1]]
     if spec.startswith("fewshot:"):
         from lorashelf.compose.registry import FEWSHOT_METHODS
 

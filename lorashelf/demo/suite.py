@@ -47,6 +47,10 @@ class Suite:
     study: dict[str, Any] = field(default_factory=dict)
     rule: dict[str, Any] = field(default_factory=dict)  # how the tasks were chosen
     model: str = ""  # study suites: the base model (default: the embedded SmolLM2)
+    # GenKnowSub: the tasks whose inputs a general-knowledge expert trains on, and how
+    # many texts of how many characters ({"tasks": [...], "texts": 300, "max_chars": 500});
+    # empty: no GenKnowSub rows
+    general: dict[str, Any] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> list[str]:
@@ -55,7 +59,7 @@ class Suite:
 
     @property
     def bigbench_names(self) -> list[str]:
-        ids = [*self.train, *self.heldout, *self.unseen]
+        ids = [*self.train, *self.heldout, *self.unseen, *self.general.get("tasks", ())]
         return sorted({t.split(":", 1)[1] for t in ids if t.startswith("bigbench:")})
 
 

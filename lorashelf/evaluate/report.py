@@ -38,6 +38,7 @@ class Report:
     command: str = ""
     versions: Mapping[str, str] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    timings_note: str = ""  # e.g. that the times add up several resumed runs
     methods_in_rows: bool = False
 
 
@@ -113,7 +114,7 @@ def _sections(report: Report) -> list[Section]:
     if report.timings:
         rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in report.timings.items()]
         rows.append(["total", f"{sum(report.timings.values()):.1f}"])
-        tail.append(Section("Wall time per stage", table=rows))
+        tail.append(Section("Wall time per stage", text=report.timings_note, table=rows))
     if report.command or report.versions:
         text = f"Command: `{report.command}`" if report.command else ""
         rows = [["package", "version"]] + [[k, v] for k, v in report.versions.items()]
