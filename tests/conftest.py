@@ -218,7 +218,9 @@ def add_random_retrieval_embeddings(lib, model, seed: int = 1, vectors=None) -> 
     names = lib.names()
     if vectors is None:
         vectors = [torch.randn(model.config.hidden_size, generator=g) for _ in names]
-    embs = {f"{lib.get(n).files['adapter_model.safetensors']}/{fp}": v for n, v in zip(names, vectors)}
+    embs = {
+        f"{lib.get(n).files['adapter_model.safetensors']}/{fp}": v for n, v in zip(names, vectors)
+    }
     write_embeddings(lib.path / "cache" / CACHE_FILE, embs)
 
 

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     text = verbs.add_parser(
         "text",
         help="a plain-text JSONL from tasks' inputs (to train general-knowledge experts on)",
-        description="Write tasks' input texts as {\"input\": \"\", \"target\": TEXT} rows: "
+        description='Write tasks\' input texts as {"input": "", "target": TEXT} rows: '
         "train a GenKnowSub general expert on it with `lorashelf train LIB --tasks "
         "jsonl:OUT --name general`.",
     )

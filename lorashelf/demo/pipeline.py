@@ -213,7 +213,9 @@ class Demo:
         s = self.suite
         todo = [(label, v) for label, v in gks_rows(s) if not self.results_file(label).exists()]
         if not todo:
-            self.console.print("[dim]GenKnowSub: results exist (or not in this suite), skipped[/dim]")
+            self.console.print(
+                "[dim]GenKnowSub: results exist (or not in this suite), skipped[/dim]"
+            )
             return
         corpus = self.out / "general.jsonl"
         if not corpus.exists():
@@ -230,7 +232,11 @@ class Demo:
         from lorashelf.library import Library
 
         with Library.open(lib) as opened:  # the general expert is shaped like the others
-            shape = ["--target-modules", ",".join(opened.target_modules)] if opened.target_modules else []
+            shape = (
+                ["--target-modules", ",".join(opened.target_modules)]
+                if opened.target_modules
+                else []
+            )
             shape += ["--rank", str(opened.rank)] if opened.rank is not None else []
         self.lorashelf("train", lib, "--tasks", f"jsonl:{corpus}", "--name", "general",
                        *self.train_opts(), *shape)  # fmt: skip

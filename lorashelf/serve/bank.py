@@ -37,6 +37,7 @@ from lorashelf.errors import LorashelfError, did_you_mean
 from lorashelf.library import Library
 from lorashelf.serve.compositions import Composition, UnknownModel, merge_kinds, routed_kinds
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
+from lorashelf.serve.retrieval import can_retrieve
 
 log = logging.getLogger("lorashelf.serve")
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
@@ -159,17 +160,11 @@ class Bank:
             if experts:
                 out += [Composition(lib, k) for k in merge_kinds()]
                 out += [Composition(lib, k) for k in routed_kinds() if k not in GATED]
-            if experts and self._can_retrieve(lib):
+            if experts and can_retrieve(self, lib):
                 out.append(Composition(lib, "retrieval"))
             if experts and self.snapshot.gates.get(lib):
                 out.append(Composition(lib, "phatgoose"))
         return out
-
-    def _can_retrieve(self, lib: str) -> bool:
-        """Retrieval needs the experts' embeddings: cached, or made with the tokenizer."""
-        from lorashelf.route.retrieval_store import CACHE_FILE
-
-        return self.tokenizer is not None or (self.libraries[lib].path / "cache" / CACHE_FILE).exists()
 
     def model_ids(self) -> list[str]:
         return [c.model_id() for c in self.compositions()]
@@ -267,7 +262,7 @@ class Bank:
                 f"with `lorashelf gates train {self.libraries[comp.library].path}`"
             )
         key = (comp.kind, comp.library, subset, comp.top_k, comp.temperature, comp.settings)
-        self._router_config(key)  # bad settings fail here, as the request's 400
+        self.router_config(key)  # bad settings fail here, as the request's 400
         if comp.kind == "retrieval":
             return RowSpec(retrieve=key)
         if self._rewritten(key) is not None:
@@ -352,13 +347,13 @@ class Bank:
             spec = ROUTERS.get(key[0])
             if spec.experts is None:
                 return None
-            experts, sums = self._library_experts(key)
-            rewritten = spec.experts(self._router_config(key), experts, sums)
+            experts, sums = self.library_experts(key)
+            rewritten = spec.experts(self.router_config(key), experts, sums)
             return None if rewritten[0] is experts else rewritten
 
         return self._cached(self._rewrites, key, build)
 
-    def _library_experts(self, key: Hashable) -> tuple[list, list[str]]:
+    def library_experts(self, key: Hashable) -> tuple[list, list[str]]:
         _, lib, subset, *_ = key
         names = self._members(lib, subset)
         experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
@@ -368,7 +363,7 @@ class Bank:
         merged = self._merge(key)
         return {m: merged.delta(m).to(self.device, self.dtype) for m in merged.names()}
 
-    def _router_config(self, key: Hashable) -> Any:
+    def router_config(self, key: Hashable) -> Any:
         """The router's options: its dataclass with the request's top-k, temperature and
         settings (unknown or bad ones raise)."""
         from lorashelf.methods import check_settings, get_method, make_config
@@ -401,7 +396,7 @@ class Bank:
         kind, lib, *_ = key
         rewritten = self._rewritten(key)
         if rewritten is None:
-            experts, sums = self._library_experts(key)
+            experts, sums = self.library_experts(key)
             columns = {n: f"{lib}/{n}" for n, _ in experts}
         else:
             experts, sums = rewritten
@@ -411,7 +406,7 @@ class Bank:
         ctx = RouterContext(
             experts, checksums=sums, cache_dir=library.path / "cache", device=self.device
         )
-        routers = spec.build(self._router_config(key), ctx)
+        routers = spec.build(self.router_config(key), ctx)
         out = {}
         for m, router in routers.items():
             layer = self._handle.layers[m]
@@ -425,62 +420,11 @@ class Bank:
 
     # ------------------------------------------------------------ retrieval
     def retrieve(self, key: Hashable, prompts: Sequence[Sequence[int]]) -> list[RowSpec]:
-        """The rows of retrieval router ``key`` for ``prompts`` (token ids): each prompt
-        embedded by the base model (its last hidden states mean-pooled, as eval's
-        retrieval router does) and matched to the experts' embeddings; the row gets the
-        top-k experts' weights, or Arrow among them with ``then_arrow``."""
-        from lorashelf.route.retrieval import sequence_weights
+        """The rows of retrieval router ``key`` for ``prompts`` (lorashelf.serve.retrieval)."""
+        from lorashelf.serve.retrieval import build_retriever, rows_for
 
-        lib = key[1]
-        names, embs, center, c = self._cached(self._retrievers, key, self._build_retriever)
-        weights = sequence_weights(
-            self._embed(prompts), embs, center, c.top_k, c.weighting, c.temperature
-        )
-        rows = []
-        for w in weights.tolist():
-            chosen = [(n, x) for n, x in zip(names, w) if x > 0]
-            if c.then_arrow:
-                subset = tuple(sorted(n for n, _ in chosen))
-                arrow = ("arrow", lib, subset, c.arrow_top_k, c.arrow_temperature, ())
-                rows.append(RowSpec(routed=arrow))
-            else:
-                rows.append(RowSpec(fixed=tuple((f"{lib}/{n}", x) for n, x in chosen)))
-        return rows
-
-    def _build_retriever(self, key: Hashable) -> tuple[list[str], torch.Tensor, Any, Any]:
-        from lorashelf.route import RouterContext
-        from lorashelf.route.retrieval import embeddings_for
-
-        config = self._router_config(key)
-        experts, sums = self._library_experts(key)
-        library = self.libraries[key[1]]
-        ctx = RouterContext(
-            experts, checksums=sums, cache_dir=library.path / "cache", device=self.device,
-            library_dir=library.path, model=self.model, tokenizer=self.tokenizer, home=self.home,
-        )  # fmt: skip
-        with self.base_pass():
-            embs = embeddings_for(config, ctx).to(self.device)
-        center = embs.mean(0) if config.center and len(experts) > 1 else None
-        return [n for n, _ in experts], embs, center, config
-
-    def _embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """``[len(prompts), hidden]``: the base model's last hidden states, mean-pooled."""
-        from lorashelf.models.embed import masked_mean
-        from lorashelf.models.lm import backbone_and_head
-
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding, positions counting real tokens
-            ids[i, width - len(p) :] = torch.tensor(list(p))
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        backbone, _ = backbone_and_head(self.model)
-        with self.base_pass():
-            out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           use_cache=False)  # fmt: skip
-        return masked_mean(out.last_hidden_state, mask)
+        retriever = self._cached(self._retrievers, key, lambda k: build_retriever(self, k))
+        return rows_for(self, retriever, prompts)
 
     def expert_label(self, column: int) -> str:
         """The column's name as a user sees it (``LIB/EXPERT`` or a virtual expert)."""

@@ -34,7 +34,9 @@ def test_corpus_reads_back_as_plain_text(tmp_path):
     assert all(len(t) <= 40 and not t.endswith(" ") for t in texts)
     train = {" ".join(ex.prompt.split()) for ex in load_task(a, home=tmp_path).splits().train}
     assert all(any(src.startswith(t) for src in train) for t in texts if t.startswith("alpha"))
-    task = load_task(f"jsonl:{out}", home=tmp_path)  # the jsonl source reads it: the whole text is the target
+    task = load_task(
+        f"jsonl:{out}", home=tmp_path
+    )  # the jsonl source reads it: the whole text is the target
     assert task.kind == "gen" and {ex.target for ex in task.examples} == set(texts)
     assert not out.with_name(out.name + ".tmp").exists()
 

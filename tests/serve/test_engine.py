@@ -278,11 +278,12 @@ def test_retrieval_matches_eval(served, serve_kit, tiny_model, tiny_tokenizer, k
     """Served retrieval picks each request's experts from its own prompt, in a mixed
     batch, and generates what eval's retrieval router (hooks on the model) generates."""
     from lorashelf.serve.compositions import parse_method, with_options
+    from lorashelf.serve.retrieval import embed_prompts
 
     prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
     # expert i's embedding is prompt i's (names sort as alpha, beta, gamma)
     kit.add_random_retrieval_embeddings(served.library, tiny_model,
-                                        vectors=list(served.bank._embed(prompts)))  # fmt: skip
+                                        vectors=list(embed_prompts(served.bank, prompts)))  # fmt: skip
     comp = with_options(parse_method("lib", "retrieval"), {"settings": settings})
     params = SamplingParams(max_tokens=6)
     others = [(PROMPTS[0], C("lib", "expert", ("beta",)), params), (PROMPTS[1], C("lib"), params)]
