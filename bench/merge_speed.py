@@ -10,7 +10,7 @@ a fresh process reporting wall time and peak RSS; both merges must agree. Also t
 uniform and uniform-delta on the same experts. Then one row per newer merge, each against
 a dense reference written here (every delta built, the whole model's [E, N] stack for
 DARE-TIES, autograd on the dense objective for WUDI, whose steps ``--wudi-steps`` sets):
-dare-ties, core-space (TIES on the cores), core-space-ta (task arithmetic on the cores),
+dare-ties, dare-linear, core-space (TIES on the cores), core-space-ta (task arithmetic on the cores),
 knots and knots-ta (the same two on KnOTS's V blocks) and wudi; each pair must agree. Core Space's TIES depends on the basis: its trim and sign
 election are discontinuous, and at 20 rank-4 experts the stacked factors' singular
 values come within 2e-4 of each other, so two correct routes to "the" SVD basis (QR +
@@ -110,8 +110,8 @@ def _elect_mean(kept: torch.Tensor) -> torch.Tensor:
     return (kept * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
-def dense_dare_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
-    """Every expert's whole dropped task vector in one [E, N] array, then elect / mean."""
+def _dropped(experts: list[dict[str, _F]]) -> tuple[torch.Tensor, list[str]]:
+    """Every expert's whole dropped, rescaled task vector: one [E, N] array."""
     from lorashelf.merge.dare import mask_seed
 
     names = sorted(experts[0])
@@ -126,8 +126,19 @@ def dense_dare_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
             for e in range(len(experts))
         ]
         parts.append((d * torch.stack(masks).to(d.device) / DENSITY).flatten(1))
-    merged = _elect_mean(torch.cat(parts, 1))
-    return _split(merged, experts, names)
+    return torch.cat(parts, 1), names
+
+
+def dense_dare_ties(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """The dropped task vectors, then TIES's sign election and disjoint mean."""
+    dropped, names = _dropped(experts)
+    return _split(_elect_mean(dropped), experts, names)
+
+
+def dense_dare_linear(experts: list[dict[str, _F]]) -> dict[str, torch.Tensor]:
+    """The dropped task vectors, summed (lambda 1)."""
+    dropped, names = _dropped(experts)
+    return _split(dropped.sum(0), experts, names)
 
 
 def _split(flat: torch.Tensor, experts, names) -> dict[str, torch.Tensor]:
@@ -216,6 +227,7 @@ def newer_merge(kind: str, experts, wudi_steps: int) -> dict[str, torch.Tensor]:
 
     configs = {
         "dare-ties": {"density": DENSITY},
+        "dare-linear": {"density": DENSITY},
         "core-space": {"density": DENSITY},
         "core-space-ta": {"core_merge": "task-arithmetic"},
         "knots": {"density": DENSITY},
@@ -226,8 +238,9 @@ def newer_merge(kind: str, experts, wudi_steps: int) -> dict[str, torch.Tensor]:
     return {m: merged.delta(m) for m in merged.names()}
 
 
-NEWER = ("dare-ties", "core-space", "core-space-ta", "knots", "knots-ta", "wudi")
-DENSE_OF = {"dare-ties": dense_dare_ties, "core-space": dense_core_space,
+NEWER = ("dare-ties", "dare-linear", "core-space", "core-space-ta", "knots", "knots-ta", "wudi")
+DENSE_OF = {"dare-ties": dense_dare_ties, "dare-linear": dense_dare_linear,
+            "core-space": dense_core_space,
             "core-space-ta": dense_sum, "knots": dense_knots, "knots-ta": dense_sum}  # fmt: skip
 
 
