@@ -7,9 +7,10 @@ random baseline of the same sizes, trains the cluster libraries its budget allow
 (``study.retrain_ks`` x ``study.retrain_kinds``; the rest get clustering-only agreement with the task
 families), and evaluates every registered zero-shot method and the few-shot ones on
 held-out tasks of seen and unseen families. Like the demo, every step is one
-``lorashelf`` command, and everything resumes at the finest grain the commands allow:
-training skips experts already in a library, and each (method, held-out task) and each
-few-shot task has its own results file. ``--stage NAME`` reruns one stage from scratch
+``lorashelf`` command, and everything resumes: training skips experts already in a
+library, each (method, held-out task) and each few-shot task has its own results file,
+and one ``eval`` per method runs the tasks it still lacks (a merge of 64 experts is
+built once per method, not once per task). ``--stage NAME`` reruns one stage from scratch
 (its outputs are removed first). ``stages.json`` keeps the wall time of every stage
 over all runs; the report (lorashelf.demo.study_report) copies it into its results JSON.
 """
@@ -19,8 +20,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ class StudyPlan:
     agreement_seeds: int = 3
     fewshot_methods: tuple[str, ...] = ("lorahub", "gradient", "cat")
     skip_methods: tuple[str, ...] = ()  # registered zero-shot methods left out, said in the report
+    # a method's options where its defaults do not fit the budget ({"wudi": {"steps": 30}}),
+    # passed as ``eval --set`` and written into its label
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     cut: str = ""  # what the budget cut and why, printed in the report
 
     @classmethod
@@ -74,10 +78,12 @@ class Eval:
     label: str
     lib: str | None
     method: str
+    settings: tuple[tuple[str, Any], ...] = ()  # eval --set KEY=VALUE
 
     @property
     def slug(self) -> str:
-        return self.label.lower().replace(" + ", "-").replace(" ", "-").replace(":", "-")
+        slug = self.label.lower().replace(" + ", "-").replace(" ", "-").replace(":", "-")
+        return slug.replace("(", "").replace(")", "").replace(",", "")
 
 
 def clusterings(plan: StudyPlan) -> Iterator[tuple[str, int, list[str]]]:
@@ -100,7 +106,11 @@ def zero_shot_evals(plan: StudyPlan) -> list[Eval]:
         Eval("best-expert:test", "private", "best-expert:test"),
         Eval("best-expert:shots", "private", "best-expert:shots"),
     ]
-    evals += [Eval(f"private + {m}", "private", m) for m in method_names() if m not in OWN]
+    for m in method_names():
+        if m not in OWN:
+            sets = tuple(plan.method_settings.get(m, {}).items())
+            note = f" ({', '.join(f'{k} {v}' for k, v in sets)})" if sets else ""
+            evals.append(Eval(f"private + {m}{note}", "private", m, sets))
     for name, k, _ in clusterings(plan):
         if plan.retrained(name, k):
             evals += [Eval(f"{name} + {m}", f"libs/{name}", m) for m in ("uniform", "arrow")]
@@ -177,23 +187,28 @@ class Study(Demo):
         return self.out / "results" / e.slug / f"{task_slug(task)}.json"
 
     def evaluate(self) -> None:
+        """One ``eval`` per method over every held-out task it still lacks (so a merge of
+        64 experts is built once, not once per task), split into one results file per
+        (method, task): an interrupted run redoes at most one method's tasks."""
         unseen = set(self.suite.unseen)
         for e in zero_shot_evals(self.plan):
-            for task in self.suite.evaluated:
-                if task in unseen and e.method == "oracle":
-                    continue  # no sibling in the library, so no oracle expert
-                out = self.result_path(e, task)
-                if out.exists():
-                    continue
-                argv = ["eval", "--tasks", task, "--limit", str(self.suite.eval_limit),
-                        "--method", e.method, "--json", out]  # fmt: skip
-                if e.lib is not None:
-                    argv.insert(1, self.out / e.lib)
-                else:
-                    argv += self.model_opts()
-                if e.method == "oracle":
-                    argv += ["--oracle-map", f"{task}={self.suite.heldout[task]}"]
-                self.lorashelf(*argv)
+            tasks = [t for t in self.suite.evaluated if not (e.method == "oracle" and t in unseen)]
+            todo = [t for t in tasks if not self.result_path(e, t).exists()]
+            if not todo:
+                continue
+            both = self.out / "results" / e.slug / "all-tasks.json"
+            argv = ["eval", "--tasks", ",".join(todo), "--limit", str(self.suite.eval_limit),
+                    "--method", e.method, "--json", both]  # fmt: skip
+            if e.lib is not None:
+                argv.insert(1, self.out / e.lib)
+            else:
+                argv += self.model_opts()
+            for k, v in e.settings:
+                argv += ["--set", f"{k}={v}"]
+            if e.method == "oracle":  # seen families only: the sibling is the oracle's expert
+                argv += ["--oracle-map", ",".join(f"{t}={self.suite.heldout[t]}" for t in todo)]
+            self.lorashelf(*argv)
+            split_by_task(both, {t: self.result_path(e, t) for t in todo})
 
     def fewshot_path(self, task: str) -> Path:
         return self.out / "fewshot" / f"{task_slug(task)}.json"
@@ -236,6 +251,18 @@ class Study(Demo):
             return
         for name, (fn, _) in stages.items():
             self.run_stage(name, fn)
+
+
+def split_by_task(path: Path, outputs: Mapping[str, Path]) -> None:
+    """Write each task of the eval JSON at ``path`` as its own results file (the format
+    a one-task ``eval --json`` writes), then remove ``path``."""
+    from lorashelf.evaluate.runner import EvalResult, result_from_json
+
+    result = result_from_json(json.loads(path.read_text()))
+    for task, out in outputs.items():
+        one = EvalResult(result.method, {task: result.tasks[task]}, result.config, result.meta)
+        write_json_atomic(out, one.to_json())
+    path.unlink()
 
 
 def record_stage(path: Path, name: str, seconds: float, done: bool) -> None:
