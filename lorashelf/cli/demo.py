@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +47,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's stop) raises KeyboardInterrupt for the block,
+    so a long run stops the way Ctrl-C stops it: the stage's wall time is recorded and
+    the command in flight cleans up. (A shell's background job ignores SIGINT.)"""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    with terminate_as_interrupt():
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
     from rich.console import Console

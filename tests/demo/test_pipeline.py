@@ -54,3 +54,19 @@ def test_genknowsub_stage_adds_both_variants(tiny_library, tmp_path):
     n = len(calls)
     demo.genknowsub()  # finished: nothing runs again
     assert len(calls) == n
+
+
+def test_sigterm_stops_a_demo_like_ctrl_c():
+    """A killed long run (SIGTERM; a background job ignores SIGINT) gets a
+    KeyboardInterrupt, so its stage records its time; the handler is restored after."""
+    import os
+    import signal
+
+    import pytest
+
+    from lorashelf.cli.demo import terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before
