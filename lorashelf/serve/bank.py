@@ -82,6 +82,7 @@ class Bank:
         # virtual experts: key -> [(column name, {module: LoraFactors})]
         self.virtual: OrderedDict[Hashable, list[tuple[str, dict[str, Any]]]] = OrderedDict()
         self.columns: dict[str, int] = {}
+        self.layout = 0  # counts re-attachments: a running batch then re-prepares its plan
         self._routers: OrderedDict[Hashable, dict] = OrderedDict()
         self._rewrites: OrderedDict[Hashable, Any] = OrderedDict()  # routed key -> experts
         self._retrievers: OrderedDict[Hashable, Any] = OrderedDict()
@@ -174,6 +175,7 @@ class Bank:
         from lorashelf.lora import attach
 
         self._detach()
+        self.layout += 1  # column indices changed: a running batch must re-prepare its plan
         experts = [(c, f) for c, f in self.factors.items()]
         experts += [col for cols in self.virtual.values() for col in cols]
         self.columns = {name: i for i, (name, _) in enumerate(experts)}

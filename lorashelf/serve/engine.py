@@ -269,7 +269,12 @@ class Engine:
         while batch is not None:
             batch = self._narrow(batch, self._step(batch.rows, batch.logits), record)
             room = self.max_batch - (len(batch.rows) if batch else 0)
+            layout = self.bank.layout
             joined = self._admit(self._waiting(room)) if joinable(batch) else []
+            if batch is not None and not joined and self.bank.layout != layout:
+                # a refused request's preparation re-attached the experts: the running
+                # rows' plan must follow the new columns
+                self.bank.prepare([r.spec for r in batch.rows], record)
             if joined:
                 rows += joined
                 record = record or any(r.req.return_routing for r in joined)

@@ -165,6 +165,35 @@ def test_waiting_requests_join_a_running_batch(served, serve_kit, max_batch):
         assert got[-1].kind == "done"
 
 
+def test_a_refused_joiner_that_reattached_leaves_the_batch_intact(served, serve_kit,
+                                                                  monkeypatch):  # fmt: skip
+    """A queued GenKnowSub request attaches its rewritten experts, then fails (its
+    routers do not build): the running rows go on with their solo tokens."""
+    from lorashelf.errors import LorashelfError
+    from lorashelf.serve.compositions import with_options
+
+    engine, bank = served.engine, served.bank
+    running = [(PROMPTS[0], C("lib", "uniform"), SamplingParams(max_tokens=4)),
+               (PROMPTS[1], C("lib", "expert", ("beta",)), SamplingParams(max_tokens=4))]  # fmt: skip
+    solo = [serve_kit.tokens(serve_kit.complete(engine, [job])[0]) for job in running]
+    build = bank._build_routers
+
+    def failing(key):
+        if dict(key[-1]).get("gks"):
+            raise LorashelfError("no routers today")
+        return build(key)
+
+    monkeypatch.setattr(bank, "_build_routers", failing)
+    gks = with_options(C("lib", "arrow"), {"settings": {"gks": "delta", "gks_experts": "gamma"}})
+    events = [[]]
+    _queued(engine, served.tokenizer, [(PROMPTS[2], gks, GREEDY)], events)
+    layout = bank.layout
+    got = serve_kit.complete(engine, running)
+    assert bank.layout > layout  # the refused request did re-attach
+    assert events[0][-1].kind == "error" and "no routers today" in events[0][-1].text
+    assert [serve_kit.tokens(e) for e in got] == solo
+
+
 def test_no_request_joins_while_a_reload_waits(served, serve_kit):
     engine = served.engine
     events = [[]]
