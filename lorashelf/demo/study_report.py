@@ -97,8 +97,13 @@ def paired(
     if not common or len(xs) != len(ys):
         return None
     p = paired_test(xs, ys)
+    wins = sum(_mean(per_example[a][t]["nlls"]) < _mean(per_example[b][t]["nlls"]) for t in common)
     return {"diff": p.diff.mean, "lo": p.diff.lo, "hi": p.diff.hi, "p": p.p_value,
-            "n": p.n, "tasks": len(common)}  # fmt: skip
+            "n": p.n, "tasks": len(common), "task_wins": wins}  # fmt: skip
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def verdict(test: Mapping[str, Any] | None) -> str:
@@ -203,8 +208,11 @@ def _fmt(ci: Sequence[float]) -> str:
     return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
 
 
-def _test(t: Mapping[str, Any] | None) -> str:
-    return "-" if t is None else f"{t['diff']:+.3f} (p={t['p']:.3g})"
+def _test(t: Mapping[str, Any] | None, wins: bool = False) -> str:
+    if t is None:
+        return "-"
+    count = f"; lower on {t['task_wins']}/{t['tasks']} tasks" if wins and "task_wins" in t else ""
+    return f"{t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}] (p={t['p']:.3g}{count})"
 
 
 def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -> str:
@@ -225,10 +233,16 @@ def markdown(results: Mapping[str, Any], command: str, figures: Sequence[str]) -
         cells = []
         for g in results["groups"]:
             v = c["groups"][g]
-            cells.append(f"{v['verdict']} {_test(v['test'])}" if v["test"] else v["verdict"])
+            cells.append(
+                f"{v['verdict']}: {_test(v['test'], wins=True)}" if v["test"] else v["verdict"]
+            )
         lines.append(f"| ({c['id']}) {c['text']} | " + " | ".join(cells) + " |")
-    lines += ["", "A claim holds when the paired sign-flip test of the per-example gold NLL "
-              f"difference rejects at {ALPHA} and its 95% interval excludes 0 on the right side.", ""]  # fmt: skip
+    lines += ["", "Each cell: the mean per-example gold NLL difference (first method minus "
+              "second; negative favours the first) with its 95% interval, the paired sign-flip "
+              f"p-value, and on how many tasks the first method's mean NLL is lower. A claim holds when "
+              f"the test rejects at {ALPHA} and the interval lies below 0. The test is over the "
+              "examples of these tasks; the task count shows whether the effect is broad or "
+              "carried by a few tasks.", ""]  # fmt: skip
     for group, rows in results["summary"].items():
         if not rows:
             continue

@@ -165,8 +165,11 @@ def test_claim_verdicts_on_synthetic_results():
     assert {g: v["verdict"] for g, v in a["groups"].items()} == dict.fromkeys(
         ("seen", "unseen", "all"), "holds"
     )
+    test = a["groups"]["all"]["test"]
+    assert test["task_wins"] == test["tasks"] > 0  # lower on every task, and counted so
     worse = next(c for c in claim_verdicts(_results(0.5, 0.1)) if c["id"] == "a")
     assert worse["groups"]["all"]["verdict"] == "does not hold"
+    assert worse["groups"]["all"]["test"]["task_wins"] == 0
     noise = next(c for c in claim_verdicts(_results(0.0, 1.0)) if c["id"] == "a")
     assert noise["groups"]["all"]["verdict"] == "not distinguishable"
     missing = next(c for c in better if c["id"] == "d")  # no LoraHub results
