@@ -211,15 +211,13 @@ class Bank:
     def _virtual_column(key: Hashable) -> str:
         """A merge's column name: ``LIB:METHOD[a,b]{density=0.3}``."""
         kind, lib, subset, settings = key
-        name = f"{lib}:{kind}" + (f"[{subset}]" if subset else "")
-        return name + ("{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else "")
+        return f"{lib}:{kind}" + (f"[{subset}]" if subset else "") + _tag(settings)
 
     @staticmethod
     def _rewrite_column(key: Hashable, expert: str) -> str:
         """A rewritten expert's column: ``LIB:arrow{gks=delta,...}/EXPERT``."""
         kind, lib, _, _, _, settings = key
-        tag = "{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else ""
-        return f"{lib}:{kind}{tag}/{expert}"
+        return f"{lib}:{kind}{_tag(settings)}/{expert}"
 
     @contextmanager
     def base_pass(self) -> Iterator[None]:
@@ -431,6 +429,11 @@ class Bank:
     def expert_label(self, column: int) -> str:
         """The column's name as a user sees it (``LIB/EXPERT`` or a virtual expert)."""
         return next(n for n, i in self.columns.items() if i == column)
+
+
+def _tag(settings: Sequence[tuple[str, Any]]) -> str:
+    """A composition's settings as they appear in a column name: ``{density=0.3}``."""
+    return "{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else ""
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

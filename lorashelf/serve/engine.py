@@ -34,7 +34,7 @@ import torch
 from lorashelf.errors import LorashelfError
 from lorashelf.serve.bank import Bank
 from lorashelf.serve.compositions import Composition, UnknownModel
-from lorashelf.serve.kvbatch import Batch, concat, joinable, new_cache
+from lorashelf.serve.kvbatch import Batch, concat, joinable, left_padded, new_cache
 from lorashelf.serve.sampling import SamplingParams, TextStream, next_tokens, top_logprobs
 
 log = logging.getLogger("lorashelf.serve")
@@ -289,14 +289,8 @@ class Engine:
     def _prefill(self, rows: list[_Row], record: bool) -> Batch:
         bank, device = self.bank, self.bank.device
         bank.prepare([r.spec for r in rows], record)
-        width = max(len(r.req.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.req.prompt) :] = torch.tensor(r.req.prompt)
-            mask[i, width - len(r.req.prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, positions = left_padded([r.req.prompt for r in rows], self.pad, device)
+        width = ids.shape[1]
         echo = any(r.req.params.echo and r.req.params.logprobs is not None for r in rows)
         cache = new_cache(bank.model)
         out = bank.model(

@@ -5,6 +5,7 @@ masked zeros to the longer one, so every row still attends to its own tokens onl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,21 @@ class Batch:
     mask: torch.Tensor
     positions: torch.Tensor  # [B, 1]
     logits: torch.Tensor  # [B, V] float32
+
+
+def left_padded(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: ids, attention mask and position ids counting
+    only real tokens (``cumsum(mask) - 1``), so each row sees what it would alone."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p))
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def joinable(batch: Batch | None) -> bool:

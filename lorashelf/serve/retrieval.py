@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorashelf.serve.kvbatch import left_padded
 from lorashelf.serve.plan import RowSpec
 
 if TYPE_CHECKING:
@@ -89,14 +90,7 @@ def embed_prompts(bank: Bank, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     from lorashelf.models.embed import masked_mean
     from lorashelf.models.lm import backbone_and_head
 
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding, positions counting real tokens
-        ids[i, width - len(p) :] = torch.tensor(list(p))
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(bank.device), mask.to(bank.device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, positions = left_padded(prompts, 0, bank.device)  # the mask hides the pads
     backbone, _ = backbone_and_head(bank.model)
     with bank.base_pass():
         out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
