@@ -16,8 +16,9 @@ and routes over those. Retrieval routing picks each request's experts once, from
 prompt: :meth:`retrieve` embeds the prompts with the plain base model (the plan's
 ``off`` switch) as eval's retrieval router does, and turns each row into fixed weights
 over the retrieved experts, or into Arrow among them (``then_arrow``).
-Only the engine's worker thread calls :meth:`prepare`, :meth:`retrieve` and
-:meth:`refresh`.
+Routers' options and per-module routers are built in lorashelf.serve.routing, the
+retrieval step in lorashelf.serve.retrieval. Only the engine's worker thread calls
+:meth:`prepare`, :meth:`retrieve` and :meth:`refresh`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lorashelf.library import Library
 from lorashelf.serve.compositions import Composition, UnknownModel, merge_kinds, routed_kinds
 from lorashelf.serve.plan import BatchPlan, BatchRouter, DeltaLinear, RowSpec
 from lorashelf.serve.retrieval import can_retrieve
+from lorashelf.serve.routing import build_routers, rewrite_column, router_config, settings_tag
 
 log = logging.getLogger("lorashelf.serve")
 CACHED_VARIANTS = 8  # router groups / TIES deltas / virtual experts kept per kind
@@ -179,7 +181,7 @@ class Bank:
         experts = [(c, f) for c, f in self.factors.items()]
         experts += [col for cols in self.virtual.values() for col in cols]
         self.columns = {name: i for i, (name, _) in enumerate(experts)}
-        for key in [k for k in self._routers if self._rewritten(k) is not None]:
+        for key in [k for k in self._routers if self.rewritten(k) is not None]:
             del self._routers[key]  # their columns may have moved
         if not experts:
             return
@@ -211,13 +213,7 @@ class Bank:
     def _virtual_column(key: Hashable) -> str:
         """A merge's column name: ``LIB:METHOD[a,b]{density=0.3}``."""
         kind, lib, subset, settings = key
-        return f"{lib}:{kind}" + (f"[{subset}]" if subset else "") + _tag(settings)
-
-    @staticmethod
-    def _rewrite_column(key: Hashable, expert: str) -> str:
-        """A rewritten expert's column: ``LIB:arrow{gks=delta,...}/EXPERT``."""
-        kind, lib, _, _, _, settings = key
-        return f"{lib}:{kind}{_tag(settings)}/{expert}"
+        return f"{lib}:{kind}" + (f"[{subset}]" if subset else "") + settings_tag(settings)
 
     @contextmanager
     def base_pass(self) -> Iterator[None]:
@@ -262,10 +258,10 @@ class Bank:
                 f"with `lorashelf gates train {self.libraries[comp.library].path}`"
             )
         key = (comp.kind, comp.library, subset, comp.top_k, comp.temperature, comp.settings)
-        self.router_config(key)  # bad settings fail here, as the request's 400
+        router_config(self, key)  # bad settings fail here, as the request's 400
         if comp.kind == "retrieval":
             return RowSpec(retrieve=key)
-        if self._rewritten(key) is not None:
+        if self.rewritten(key) is not None:
             return RowSpec(routed=key, virtual=("rewrite", key))
         return RowSpec(routed=key)
 
@@ -301,7 +297,7 @@ class Bank:
         cache.move_to_end(key)
         return cache[key]
 
-    def _members(self, lib: str, subset: tuple[str, ...] | None) -> list[str]:
+    def members(self, lib: str, subset: tuple[str, ...] | None) -> list[str]:
         return list(subset) if subset else list(self.snapshot.experts[lib])
 
     def _merge(self, key: Hashable) -> Any:
@@ -313,7 +309,7 @@ class Bank:
             kind, lib, subset, settings = key
             method = get_method(kind)
             check_settings([method], dict(settings))
-            names = self._members(lib, tuple(subset.split(",")) if subset else None)
+            names = self.members(lib, tuple(subset.split(",")) if subset else None)
             factors = [self.factors[f"{lib}/{n}"] for n in names]
             return merge(factors, kind, make_config(method, dict(settings)))
 
@@ -334,11 +330,11 @@ class Bank:
     def _virtual_experts(self, key: Hashable) -> list[tuple[str, dict[str, Any]]]:
         """A low-rank merge's factors as one column, or a router's rewritten experts."""
         if key[0] == "rewrite":
-            experts, _ = self._rewritten(key[1])
-            return [(self._rewrite_column(key[1], n), fs) for n, fs in experts]
+            experts, _ = self.rewritten(key[1])
+            return [(rewrite_column(key[1], n), fs) for n, fs in experts]
         return [(self._virtual_column(key), self._merge(key).modules)]
 
-    def _rewritten(self, key: Hashable) -> tuple[list, list[str] | None] | None:
+    def rewritten(self, key: Hashable) -> tuple[list, list[str] | None] | None:
         """The experts (and checksums) router ``key`` routes over if its method rewrites
         them (GenKnowSub); None when it routes over the library's experts as they are."""
         from lorashelf.route import ROUTERS
@@ -348,14 +344,14 @@ class Bank:
             if spec.experts is None:
                 return None
             experts, sums = self.library_experts(key)
-            rewritten = spec.experts(self.router_config(key), experts, sums)
+            rewritten = spec.experts(router_config(self, key), experts, sums)
             return None if rewritten[0] is experts else rewritten
 
         return self._cached(self._rewrites, key, build)
 
     def library_experts(self, key: Hashable) -> tuple[list, list[str]]:
         _, lib, subset, *_ = key
-        names = self._members(lib, subset)
+        names = self.members(lib, subset)
         experts = [(n, self.factors[f"{lib}/{n}"]) for n in names]
         return experts, [self.snapshot.experts[lib][n] for n in names]
 
@@ -363,60 +359,12 @@ class Bank:
         merged = self._merge(key)
         return {m: merged.delta(m).to(self.device, self.dtype) for m in merged.names()}
 
-    def router_config(self, key: Hashable) -> Any:
-        """The router's options: its dataclass with the request's top-k, temperature and
-        settings (unknown or bad ones raise)."""
-        from lorashelf.methods import check_settings, get_method, make_config
-
-        kind, lib, subset, top_k, temp, settings = key
-        method = get_method(kind)
-        fields = dict(settings)
-        check_settings([method], fields)
-        names = self._members(lib, subset)
-        # the request's top-level top_k / temperature, else its settings', else the default
-        fields["top_k"] = min(top_k or fields.get("top_k") or method.config_cls().top_k, len(names))
-        if kind == "arrow" and (temp != 1.0 or "temperature" not in fields):
-            fields["temperature"] = temp
-        if kind == "phatgoose":
-            from lorashelf.route.gate_store import gates_dir
-
-            fields["gates_dir"] = str(gates_dir(self.libraries[lib].path))
-        config = make_config(method, fields)
-        if getattr(config, "mix", "output") != "output":
-            raise LorashelfError(
-                f"the server mixes the experts' outputs; mix={config.mix!r} (parameter "
-                f"mixing) is not served: evaluate it with `lorashelf eval LIB --method {kind} "
-                f"--set mix={config.mix}`, or drop the setting"
-            )
-        return config
+    def layer(self, module: str) -> Any:
+        """The attached mixture layer of ``module`` (its ``members``: bank columns)."""
+        return self._handle.layers[module]
 
     def _build_routers(self, key: Hashable) -> dict[str, tuple[Any, torch.Tensor]]:
-        from lorashelf.route import ROUTERS, RouterContext
-
-        kind, lib, *_ = key
-        rewritten = self._rewritten(key)
-        if rewritten is None:
-            experts, sums = self.library_experts(key)
-            columns = {n: f"{lib}/{n}" for n, _ in experts}
-        else:
-            experts, sums = rewritten
-            columns = {n: self._rewrite_column(key, n) for n, _ in experts}
-        spec = ROUTERS.get(kind)
-        library = self.libraries[lib]
-        ctx = RouterContext(
-            experts, checksums=sums, cache_dir=library.path / "cache", device=self.device
-        )
-        routers = spec.build(self.router_config(key), ctx)
-        out = {}
-        for m, router in routers.items():
-            layer = self._handle.layers[m]
-            position = {int(c): j for j, c in enumerate(layer.members.tolist())}
-            present = [n for n, fs in experts if m in fs]
-            cols = [position[self.columns[columns[n]]] for n in present]
-            if isinstance(router, nn.Module):
-                router.to(self.device)
-            out[m] = (router, torch.tensor(cols, device=self.device))
-        return out
+        return build_routers(self, key)
 
     # ------------------------------------------------------------ retrieval
     def retrieve(self, key: Hashable, prompts: Sequence[Sequence[int]]) -> list[RowSpec]:
@@ -429,11 +377,6 @@ class Bank:
     def expert_label(self, column: int) -> str:
         """The column's name as a user sees it (``LIB/EXPERT`` or a virtual expert)."""
         return next(n for n, i in self.columns.items() if i == column)
-
-
-def _tag(settings: Sequence[tuple[str, Any]]) -> str:
-    """A composition's settings as they appear in a column name: ``{density=0.3}``."""
-    return "{" + ",".join(f"{k}={v}" for k, v in settings) + "}" if settings else ""
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from lorashelf.serve.kvbatch import left_padded
 from lorashelf.serve.plan import RowSpec
+from lorashelf.serve.routing import router_config
 
 if TYPE_CHECKING:
     from lorashelf.serve.bank import Bank
@@ -52,7 +53,7 @@ def build_retriever(bank: Bank, key: Hashable) -> Retriever:
     from lorashelf.route import RouterContext
     from lorashelf.route.retrieval import embeddings_for
 
-    config = bank.router_config(key)
+    config = router_config(bank, key)
     experts, sums = bank.library_experts(key)
     library = bank.libraries[key[1]]
     ctx = RouterContext(
