@@ -162,16 +162,6 @@ def _routed(name: str) -> Build:
         from lorashelf.route import build_routed_model
 
         lib, names = ctx.require_library(), ctx.names()
-        # the experts routed over: GenKnowSub's general experts are subtracted, not routed
-        general = (
-            getattr(config, "gks_experts", ()) if getattr(config, "gks", "none") != "none" else ()
-        )
-        n = len([e for e in names if e not in general])
-        if getattr(config, "top_k", 0) > n > 0:
-            import warnings
-
-            warnings.warn(f"top-k {config.top_k} > {n} experts; using top-k {n}", stacklevel=2)
-            config = dataclasses.replace(config, top_k=n)
         sums = [lib.get(e).files.get("adapter_model.safetensors", "") for e in names]
         routed = build_routed_model(
             model, ctx.factors(model, names), name, config, checksums=sums,

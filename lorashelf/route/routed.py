@@ -10,6 +10,8 @@ and restores the plain model with ``detach()`` (or on leaving a ``with`` block).
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +119,12 @@ def build_routed_model(
     check_experts(experts)
     if spec.experts is not None:
         experts, checksums = spec.experts(config, experts, checksums)
+    if getattr(config, "top_k", 0) > len(experts) > 0:  # counted after the rewrite above
+        warnings.warn(
+            f"top-k {config.top_k} > {len(experts)} experts; using top-k {len(experts)}",
+            stacklevel=2,
+        )
+        config = dataclasses.replace(config, top_k=len(experts))
     ctx = RouterContext(
         experts=experts,
         checksums=checksums,
