@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on this disk; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo demo-all test test-fast bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lorashelf demo $(DEMO_ARGS)
+
+# every registered method on the demo's tasks; reuses what `make demo` built in demo_out
+demo-all: $(STAMP)
+	$(BIN)/lorashelf demo --suite demo-all $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

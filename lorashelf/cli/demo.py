@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--suite",
         default=None,
-        help="a shipped suite name or a suite .json (default: demo, or quick)",
+        help="a shipped suite name (demo: the core story; demo-all: every method; quick; study) "
+        "or a suite .json (default: demo, or quick)",
     )
     p.add_argument(
         "--stage",

@@ -10,13 +10,18 @@ whose results file exists is not run again. Stages:
 3. cluster the private library with MBC and train the cluster library;
 4. train PHATGOOSE gates for the private experts;
 5. evaluate the methods of Ostapenko et al. on the held-out tasks;
-6. evaluate every other registered merge and router on the private library, with the
-   best-single-expert baselines, in one ``eval`` (one model load);
-7. GenKnowSub: a general-knowledge expert trained on plain text (``data text`` over
-   the suite's ``general`` tasks) into a copy of the private library, then Arrow with
-   its mean subtracted, in PEFT's variant and the exact one;
-8. few-shot: LoraHub and every other few-shot method of ``fewshot``, over seeds;
+6. evaluate the suite's other merges and routers on the private library (every
+   registered one without a ``more_methods`` list), with the best-single-expert
+   baselines, in one ``eval`` (one model load);
+7. GenKnowSub (suites with ``general`` tasks): a general-knowledge expert trained on
+   plain text (``data text``) into a copy of the private library, then Arrow with its
+   mean subtracted, in PEFT's variant and the exact one;
+8. few-shot: the suite's few-shot methods (LoraHub, CAT, ...), over seeds;
 9. write ``report.md`` and ``report.html``.
+
+The ``demo`` suite is the core story (about a quarter hour here); ``demo-all`` has the
+same tasks and budget and every method, so running it into the same directory after
+``demo`` adds only the methods ``demo`` left out.
 """
 
 from __future__ import annotations
@@ -245,15 +250,22 @@ class Demo:
                            "--method", "arrow", "--set", f"gks={variant}",
                            "--set", "gks_experts=general", "--json", self.results_file(label))  # fmt: skip
 
+    def fewshot_file(self, method: str) -> Path:
+        return self.results_file(f"fewshot {method}")
+
     def fewshot(self) -> None:
-        out, s = self.results_file("fewshot"), self.suite
-        if out.exists() or not fewshot_methods(s):
+        """One ``fewshot`` call and results file per few-shot method, so a suite that
+        adds a method (``demo-all`` after ``demo``, same directory) runs only that one."""
+        s = self.suite
+        todo = [m for m in fewshot_methods(s) if not self.fewshot_file(m).exists()]
+        if not todo:
             self.console.print("[dim]few-shot: results exist (or none), skipped[/dim]")
             return
-        self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(s.heldout),
-                       "--shots", str(s.shots), "--seeds", str(s.seeds), "--limit", str(s.eval_limit),
-                       "--methods", ",".join(fewshot_methods(s)), "--budget", str(s.lorahub_budget),
-                       "--lora-steps", str(s.lorahub_budget), "--json", out)  # fmt: skip
+        for method in todo:
+            self.lorashelf("fewshot", self.out / "private", "--tasks", ",".join(s.heldout),
+                           "--shots", str(s.shots), "--seeds", str(s.seeds), "--limit", str(s.eval_limit),
+                           "--methods", method, "--budget", str(s.lorahub_budget),
+                           "--lora-steps", str(s.lorahub_budget), "--json", self.fewshot_file(method))  # fmt: skip
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -39,21 +39,24 @@ def collect_rows(demo: Demo) -> list[Row]:
         if path.exists():
             result = result_from_json(json.loads(path.read_text()), method=label)
             rows.append(Row(label, method, lib, result))
-    path = demo.results_file("fewshot")
-    if path.exists():
-        entries = {e.get("method"): e for e in json.loads(path.read_text()).get("methods", [])}
-        s = demo.suite
-        for name in fewshot_methods(demo.suite):
-            if name in entries:
-                draws = f"mean of {s.seeds} seeds" if s.seeds > 1 else "one draw of shots"
-                label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot ({draws})"
-                result = result_from_json(entries[name], method=label)
-                rows.append(Row(label, f"fewshot:{name}", "private", result))
+    s = demo.suite
+    for name in fewshot_methods(s):
+        path = demo.fewshot_file(name)
+        entries = {e.get("method"): e for e in _json(path).get("methods", [])}
+        if name in entries:
+            draws = f"mean of {s.seeds} seeds" if s.seeds > 1 else "one draw of shots"
+            label = f"{FEWSHOT_NAMES.get(name, name)} {s.shots}-shot ({draws})"
+            result = result_from_json(entries[name], method=label)
+            rows.append(Row(label, f"fewshot:{name}", "private", result))
     return rows
 
 
 def collect_results(demo: Demo) -> list[EvalResult]:
     return [row.result for row in collect_rows(demo)]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _curves(lib_dir: Path) -> dict[str, list[float]]:
@@ -80,11 +83,9 @@ def _cluster_text(demo: Demo) -> str:
 
 
 def _lorahub_weights(demo: Demo) -> tuple[list[str], list[str], list[list[float]]] | None:
-    path = demo.results_file("fewshot")
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    weights = data.get("lorahub_weights")  # {task: {expert: mean weight}}
+    weights = _json(demo.fewshot_file("lorahub")).get(
+        "lorahub_weights"
+    )  # {task: {expert: mean weight}}
     if not weights:
         return None
     tasks = list(weights)

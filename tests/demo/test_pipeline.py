@@ -5,7 +5,9 @@ variants, and their rows and sentences in the report; a rerun skips finished wor
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 from lorashelf.cli import main
 from lorashelf.demo.pipeline import GENERAL_LIBRARY, Demo, gks_rows
@@ -70,3 +72,52 @@ def test_sigterm_stops_a_demo_like_ctrl_c():
     with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_fewshot_stage_one_file_per_method_and_adds_only_missing(tmp_path):
+    """``demo-all`` after ``demo`` in one directory runs only the few-shot methods
+    ``demo`` left out: one ``fewshot`` call and one results file per method."""
+    calls: list[list[str]] = []
+
+    def run(argv):
+        calls.append(argv)
+        method = argv[argv.index("--methods") + 1]
+        entry = {"method": method, "tasks": {}}
+        path = argv[argv.index("--json") + 1]
+        weights = {"t": {"alpha": 1.0}} if method == "lorahub" else {}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"methods": [entry], "lorahub_weights": weights}))
+        return 0
+
+    suite = Suite(name="t", description="", train=("bigbench:a",), heldout={"bigbench:b": "bigbench:a"},
+                  fewshot_methods=("lorahub",))  # fmt: skip
+    demo = Demo(out=tmp_path, suite=suite, home=tmp_path, run_cli=run)
+    demo.fewshot()
+    assert [a[a.index("--methods") + 1] for a in calls] == ["lorahub"]
+    assert demo.fewshot_file("lorahub").name == "fewshot-lorahub.json"
+    wider = Demo(out=tmp_path, suite=dataclasses.replace(suite, fewshot_methods=("lorahub", "cat")),
+                 home=tmp_path, run_cli=run)  # fmt: skip
+    wider.fewshot()
+    assert [a[a.index("--methods") + 1] for a in calls] == ["lorahub", "cat"]
+    wider.fewshot()  # both exist: nothing runs
+    assert len(calls) == 2
+    from lorashelf.demo.report import _lorahub_weights
+
+    assert _lorahub_weights(wider) == (["t"], ["alpha"], [[1.0]])
+
+
+def test_demo_all_is_demo_with_every_method():
+    """``demo-all`` shares every task and budget with ``demo`` (so it can resume into
+    ``demo``'s directory and reuse its experts and results) and leaves no method out."""
+    from lorashelf.demo.suite import load_suite
+
+    core, full = load_suite("demo"), load_suite("demo-all")
+    methods = {"name", "description", "more_methods", "fewshot_methods", "general"}
+    for f in dataclasses.fields(core):
+        if f.name not in methods:
+            assert getattr(core, f.name) == getattr(full, f.name), f.name
+    assert full.more_methods is None and full.general
+    assert full.fewshot_methods is not None and set(core.fewshot_methods) < set(
+        full.fewshot_methods
+    )
+    assert core.more_methods and not core.general
