@@ -64,7 +64,7 @@ def draw_shots(task: Task, k: int, seed: int, split_seed: int = 0) -> tuple[Exam
             f"task {task.id} has {len(train)} train examples, fewer than {k} shots; "
             "pass fewer --shots or use a larger task"
         )
-    picked = random.Random(f"{task.id}:shots:{seed}").sample(range(len(train)), k)
+    picked = random.Random(f"{task.key}:shots:{seed}").sample(range(len(train)), k)
     return tuple(train[i] for i in picked)
 
 

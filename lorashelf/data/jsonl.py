@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorashelf.data.rows import row_example, task_kind
 from lorashelf.data.sources import Source, parse_options, subset
-from lorashelf.data.task import Example, Task
+from lorashelf.data.task import Example, Task, examples_fingerprint
 from lorashelf.errors import LorashelfError
 
 
@@ -61,13 +61,14 @@ def load(name: str, home: Path, max_examples: int | None) -> Task:
     if not examples:
         raise LorashelfError(f"{path} has no examples; add one JSON object per line")
     kind = task_kind(examples, str(path))
-    task_id = f"jsonl:{name}"
+    key = f"jsonl:{examples_fingerprint(examples)}"  # the content, not the path
     return Task(
-        id=task_id,
-        examples=tuple(subset(examples, max_examples, seed=task_id)),
+        id=f"jsonl:{name}",
+        examples=tuple(subset(examples, max_examples, seed=key)),
         kind=kind,
         description=f"{len(examples)} examples from {path.name}",
         metadata={"source": "jsonl", "path": str(path.resolve())},
+        seed_key=key,
     )
 
 

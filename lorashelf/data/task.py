@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,6 +72,14 @@ class Task:
     description: str = ""
     canary: str = ""
     metadata: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # what seeds this task's shuffles (split, subset, shots); empty: its id. A JSONL
+    # task's id is its path, so its source keys it on the content instead: the same
+    # file splits the same wherever it lies.
+    seed_key: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.seed_key or self.id
 
     @property
     def name(self) -> str:
@@ -78,10 +87,7 @@ class Task:
 
     def fingerprint(self) -> str:
         """sha256 over the examples' text: identifies the exact data used."""
-        h = hashlib.sha256()
-        for ex in self.examples:
-            h.update(json.dumps([ex.prompt, ex.target, ex.options, ex.answer]).encode())
-        return h.hexdigest()[:16]
+        return examples_fingerprint(self.examples)
 
     def splits(self, seed: int = 0, valid_frac: float = 0.1, test_frac: float = 0.2) -> Splits:
         """Deterministic shuffle-and-cut; the same seed always gives the same split.
@@ -90,7 +96,7 @@ class Task:
         three or more examples in total.
         """
         idx = list(range(len(self.examples)))
-        random.Random(f"{self.id}:{seed}").shuffle(idx)
+        random.Random(f"{self.key}:{seed}").shuffle(idx)
         n = len(idx)
         n_test = max(1, round(n * test_frac)) if n >= 3 else 0
         n_valid = max(1, round(n * valid_frac)) if n >= 3 else 0
@@ -98,3 +104,11 @@ class Task:
         valid = tuple(self.examples[i] for i in idx[n_test : n_test + n_valid])
         train = tuple(self.examples[i] for i in idx[n_test + n_valid :])
         return Splits(train=train, valid=valid, test=test)
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 over the examples' text (16 hex digits)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.target, ex.options, ex.answer]).encode())
+    return h.hexdigest()[:16]

@@ -275,7 +275,8 @@ class Demo:
         self.stage("train PHATGOOSE gates", self.gates)
         self.stage("evaluate on held-out tasks", self.evaluate)
         self.stage("every other merge and router, best single expert", self.evaluate_more)
-        self.stage("GenKnowSub: a general-knowledge expert, then Arrow", self.genknowsub)
+        if self.suite.general:  # a suite without general-knowledge tasks has no such stage
+            self.stage("GenKnowSub: a general-knowledge expert, then Arrow", self.genknowsub)
         self.stage("few-shot methods", self.fewshot)
         self.console.print(
             f"serve what it built: lorashelf serve {self.out / 'private'} {self.out / 'mbc'}"

@@ -39,6 +39,29 @@ def test_jsonl_generative_rows(tmp_path: Path) -> None:
     assert all(e.prompt + e.target == r for e, r in zip(ex, ["2+2 = 4", "Capital of NL: Amsterdam", "Say hi: hi", "Line\nx"]))  # fmt: skip
 
 
+def test_jsonl_splits_follow_the_content_not_the_path(tmp_path: Path) -> None:
+    """A JSONL task's id is its path; its split, subset and shots are keyed on its
+    content, so the same file moved (the demo writes one per output directory) trains
+    the same expert, and another file splits differently."""
+    from lorashelf.compose.shots import draw_shots
+
+    rows = [{"input": f"q{i}", "target": f"a{i}"} for i in range(40)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = load_task(
+        f"jsonl:{write_jsonl(tmp_path / 'a' / 't.jsonl', rows)}", home=tmp_path, max_examples=30
+    )
+    two = load_task(
+        f"jsonl:{write_jsonl(tmp_path / 'b' / 't.jsonl', rows)}", home=tmp_path, max_examples=30
+    )
+    assert one.id != two.id and one.examples == two.examples
+    assert one.splits(seed=0) == two.splits(seed=0)
+    assert [e.prompt for e in draw_shots(one, 5, 1)] == [e.prompt for e in draw_shots(two, 5, 1)]
+    other = load_task(f"jsonl:{write_jsonl(tmp_path / 'c.jsonl', rows[:-1])}", home=tmp_path)
+    assert other.key != one.key
+    assert one.splits(seed=0) != one.splits(seed=1)
+
+
 def test_jsonl_multiple_choice_and_sep(tmp_path: Path) -> None:
     rows = [
         {"input": "Sky?", "options": ["blue", "red"], "answer": 0},
