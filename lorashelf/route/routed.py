@@ -121,7 +121,8 @@ def build_routed_model(
         experts, checksums = spec.experts(config, experts, checksums)
     if getattr(config, "top_k", 0) > len(experts) > 0:  # counted after the rewrite above
         warnings.warn(
-            f"top-k {config.top_k} > {len(experts)} experts; using top-k {len(experts)}",
+            f"{method} top_k={config.top_k} exceeds the {len(experts)} experts; "
+            f"using top_k={len(experts)}",
             stacklevel=2,
         )
         config = dataclasses.replace(config, top_k=len(experts))

@@ -30,8 +30,8 @@ def test_quick_demo_report_resume_and_reproducibility(real_home, tmp_path, capsy
     assert all(len(re.findall(r"\d\.\d{3}", r)) == 3 for r in rows), rows  # 2 tasks + mean
     assert "## Methods" in report and "best expert (chosen on test: upper bound): " in report
     assert page.count("data:image/png;base64,") >= 4
-    for name in ("base", "private-arrow", "mbc-uniform", "oracle", "phatgoose", "fewshot",
-                 "best-expert-chosen-on-test-upper-bound"):  # fmt: skip
+    for name in ("base", "private-arrow", "mbc-uniform", "oracle", "phatgoose", "fewshot-lorahub",
+                 "fewshot-cat", "best-expert-chosen-on-test-upper-bound"):  # fmt: skip
         assert (out / "results" / f"{name}.json").exists(), name
 
     from lorashelf.library import Library
