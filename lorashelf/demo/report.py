@@ -83,9 +83,8 @@ def _cluster_text(demo: Demo) -> str:
 
 
 def _lorahub_weights(demo: Demo) -> tuple[list[str], list[str], list[list[float]]] | None:
-    weights = _json(demo.fewshot_file("lorahub")).get(
-        "lorahub_weights"
-    )  # {task: {expert: mean weight}}
+    # {task: {expert: mean weight}}
+    weights = _json(demo.fewshot_file("lorahub")).get("lorahub_weights")
     if not weights:
         return None
     tasks = list(weights)
